@@ -1,0 +1,48 @@
+"""Atomic file output: write to a temporary file in the target folder, then `os.replace`.
+
+A reader never sees a half-written file: either the old content (or nothing) or the complete new one. Used for every
+output the package writes (preprocessed cases, pseudo-labels, metrics, manifests, converted datasets).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[str]:
+    """Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it.
+
+    `suffix` defaults to the target's own suffix(es), so writers that infer the format from the file ending
+    (SimpleITK, nibabel, blosc2) keep working. The temporary name starts with '.tmp_' so that folder scans that
+    look for `CASE.ext` never pick it up.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix is None:
+        suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + path.stem.split(".")[0] + "_", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically (UTF-8)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
+    """Write `obj` as JSON to `path` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")

@@ -1,0 +1,44 @@
+"""nnunet-semisam: semi-supervised learning with foundation-model teachers as an nnU-Net v2 plugin.
+
+`trainers/` and `planners/` live at the top level of the repository (design card) and are installed as the
+sub-packages `nnunet_semisam.trainers` and `nnunet_semisam.planners` through `package_dir`, so both
+`pip install -e .` and a plain `pip install .` ship them.
+"""
+from setuptools import find_packages, setup
+
+core = find_packages(include=["nnunet_semisam", "nnunet_semisam.*"])
+
+setup(
+    name="nnunet-semisam",
+    version="0.1.0",
+    description="Semi-supervised nnU-Net v2 plugin: unlabeled data, MedSAM/MedSAM2 teachers, Mamba students",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=core + ["nnunet_semisam.trainers", "nnunet_semisam.planners"],
+    package_dir={"nnunet_semisam.trainers": "trainers", "nnunet_semisam.planners": "planners"},
+    package_data={"nnunet_semisam": ["assets/*"]},
+    include_package_data=True,
+    install_requires=[
+        # checked against nnunetv2 2.8.1 (nnUNet_extTrainer lookup, blosc2 storage, local logger keys)
+        "nnunetv2>=2.8.1,<2.9",
+        "torch>=2.1",
+        "numpy",
+        "scipy",
+        "scikit-image",
+        "SimpleITK",
+        "nibabel",
+        "medpy",
+        "tqdm",
+        "segment-anything",
+        "matplotlib",
+    ],
+    extras_require={
+        "cuda": ["mamba-ssm", "causal-conv1d"],
+        "medsam2": ["sam2"],
+        "dicom": ["highdicom", "pydicom"],
+        "lora": ["peft", "timm"],
+        "test": ["pytest"],
+    },
+    entry_points={"console_scripts": ["nnunet-semisam=nnunet_semisam.cli:main"]},
+)
