@@ -1,0 +1,62 @@
+"""Shared test fixtures: isolated nnU-Net folders and a runner for the real CLI commands in subprocesses."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+
+
+def nnunet_env(root: Path, **extra: str) -> dict[str, str]:
+    """Environment for nnU-Net child processes with raw/preprocessed/results under `root`.
+
+    Single-threaded data augmentation (`nnUNet_n_proc_DA=0`) and no torch.compile keep CPU runs short and
+    deterministic enough for tests; `nnUNet_extTrainer` points at this plugin's trainers.
+    """
+    from nnunet_semisam.cli.trainers_path import trainers_path
+
+    env = dict(os.environ)
+    for k in ("raw", "preprocessed", "results"):
+        (root / k).mkdir(parents=True, exist_ok=True)
+    env.update(
+        nnUNet_raw=str(root / "raw"),
+        nnUNet_preprocessed=str(root / "preprocessed"),
+        nnUNet_results=str(root / "results"),
+        nnUNet_extTrainer=trainers_path(),
+        nnUNet_n_proc_DA="0",
+        nnUNet_compile="false",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run_cmd(cmd: Sequence[str], env: dict[str, str], timeout: float = 900, check: bool = True,
+            cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+    """Run a console command (e.g. `nnUNetv2_train`, `nnunet-semisam`), capture output, fail with its tail."""
+    proc = subprocess.run(list(cmd), env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-4000:]}"
+            f"\n--- stderr ---\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+@pytest.fixture
+def nnunet_root(tmp_path: Path) -> Path:
+    """A fresh folder holding raw/, preprocessed/ and results/ for one test."""
+    return tmp_path / "nnunet"
+
+
+@pytest.fixture
+def env(nnunet_root: Path) -> dict[str, str]:
+    """Child-process environment pointing nnU-Net at `nnunet_root` (see `nnunet_env`)."""
+    return nnunet_env(nnunet_root)
+
+
+PYTHON = sys.executable
