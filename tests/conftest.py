@@ -13,8 +13,8 @@ import pytest
 def nnunet_env(root: Path, **extra: str) -> dict[str, str]:
     """Environment for nnU-Net child processes with raw/preprocessed/results under `root`.
 
-    Single-threaded data augmentation (`nnUNet_n_proc_DA=0`) and no torch.compile keep CPU runs short and
-    deterministic enough for tests; `nnUNet_extTrainer` points at this plugin's trainers.
+    One data-augmentation worker (`nnUNet_n_proc_DA=1`; 0 would break nnU-Net's planner) and no torch.compile
+    keep CPU runs short; `nnUNet_extTrainer` points at this plugin's trainers.
     """
     from nnunet_semisam.cli.trainers_path import trainers_path
 
@@ -26,7 +26,7 @@ def nnunet_env(root: Path, **extra: str) -> dict[str, str]:
         nnUNet_preprocessed=str(root / "preprocessed"),
         nnUNet_results=str(root / "results"),
         nnUNet_extTrainer=trainers_path(),
-        nnUNet_n_proc_DA="0",
+        nnUNet_n_proc_DA="1",  # 0 breaks nnU-Net 2.8.1 planning (torch.set_num_threads(0))
         nnUNet_compile="false",
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
