@@ -28,6 +28,7 @@ def nnunet_env(root: Path, **extra: str) -> dict[str, str]:
         nnUNet_extTrainer=trainers_path(),
         nnUNet_n_proc_DA="1",  # 0 breaks nnU-Net 2.8.1 planning (torch.set_num_threads(0))
         nnUNet_compile="false",
+        nnUNet_def_n_proc="1",  # nnU-Net's final validation spawns this many export workers
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
     )

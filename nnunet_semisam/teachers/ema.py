@@ -1,0 +1,57 @@
+"""Exponential-moving-average teacher (Mean Teacher; METHODS.md §1.4 "EMA")."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module behind DDP and torch.compile wrappers."""
+    if hasattr(module, "module") and isinstance(module, nn.parallel.DistributedDataParallel):
+        module = module.module
+    return getattr(module, "_orig_mod", module)
+
+
+class EMATeacher(nn.Module):
+    """A frozen copy of the student updated as `theta' <- a_t theta' + (1 - a_t) theta` after each optimizer step.
+
+    `a_t = min(1 - 1/(t_it + 1), alpha)` ([S4M] `update_ema_variables`), over parameters only; buffers (e.g.
+    BatchNorm running statistics) are copied from the student (METHODS.md §1.4 Interpretation). The teacher always
+    runs in `eval()` mode and without gradient. With `deep_supervision_off=True` the copy's nnU-Net decoder returns
+    only the full-resolution output.
+    """
+
+    def __init__(self, student: nn.Module, alpha: float = 0.99, deep_supervision_off: bool = True):
+        super().__init__()
+        self.alpha = float(alpha)
+        self.model = copy.deepcopy(unwrap(student))
+        if deep_supervision_off and hasattr(getattr(self.model, "decoder", None), "deep_supervision"):
+            self.model.decoder.deep_supervision = False
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "EMATeacher":
+        """The teacher stays in eval mode whatever the caller asks."""
+        super().train(False)
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def update(self, student: nn.Module, step: int) -> float:
+        """EMA step after optimizer step `step` (0-based t_it). Returns the decay a_t used."""
+        a = min(1.0 - 1.0 / (step + 1), self.alpha)
+        src = unwrap(student)
+        for t, s in zip(self.model.parameters(), src.parameters()):
+            t.mul_(a).add_(s.detach(), alpha=1.0 - a)
+        for t, s in zip(self.model.buffers(), src.buffers()):
+            t.copy_(s)
+        return a
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor):
+        """Teacher prediction (no gradient); for a deep-supervision network, the full-resolution output."""
+        out = self.model(x)
+        return out[0] if isinstance(out, (list, tuple)) else out
