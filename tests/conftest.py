@@ -61,3 +61,33 @@ def env(nnunet_root: Path) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def make_preprocessed_dataset(root: Path, dataset_id: int, kind: str = "2d-rgb", num_labeled: int = 6,
+                              num_unlabeled: int = 6, num_test: int = 2, shape=(64, 64), seed: int = 0,
+                              unlabeled: bool = True) -> dict[str, str]:
+    """Synthetic dataset -> nnUNetv2_plan_and_preprocess (2d) -> preprocess-unlabeled, under `root`; returns env."""
+    from nnunet_semisam.data.synthetic import make_synthetic_dataset
+
+    env = nnunet_env(root)
+    make_synthetic_dataset(env["nnUNet_raw"], dataset_id, kind=kind, num_labeled=num_labeled,
+                           num_unlabeled=num_unlabeled, num_test=num_test, shape=shape, seed=seed, progress=False)
+    run_cmd(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "2d", "-np", "1"], env)
+    if unlabeled and num_unlabeled:
+        run_cmd(["nnunet-semisam", "preprocess-unlabeled", "-d", str(dataset_id), "-c", "2d", "--quiet"], env)
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny2d(tmp_path_factory) -> dict[str, str]:
+    """Session-wide preprocessed 2D RGB dataset 990 (6 labeled, 6 unlabeled, 2 test, 64x64), unlabeled preprocessed.
+
+    Tests that train must point nnUNet_results at their own folder (`with_results`).
+    """
+    return make_preprocessed_dataset(tmp_path_factory.mktemp("tiny2d"), 990)
+
+
+def with_results(env: dict[str, str], folder: Path) -> dict[str, str]:
+    """Copy of `env` with nnUNet_results set to `folder` (so trainings of different tests do not collide)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return {**env, "nnUNet_results": str(folder)}

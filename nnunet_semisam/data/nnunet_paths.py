@@ -29,8 +29,11 @@ def dataset_name(dataset_name_or_id: int | str) -> str:
     try:
         return maybe_convert_to_dataset_name(dataset_name_or_id)
     except (RuntimeError, ValueError) as e:
-        first = str(e).splitlines()[0]
-        raise SemiSAMError(f"unknown dataset {dataset_name_or_id!r}: {first}") from None
+        if "More than one" in str(e):
+            raise SemiSAMError(f"dataset id {dataset_name_or_id} is ambiguous: several DatasetXXX_* folders carry "
+                               f"it in nnUNet_raw/nnUNet_preprocessed/nnUNet_results") from None
+        raise SemiSAMError(f"unknown dataset {dataset_name_or_id}: no Dataset{str(dataset_name_or_id).zfill(3)}_* "
+                           f"folder in nnUNet_raw, nnUNet_preprocessed or nnUNet_results") from None
 
 
 def raw_dataset_folder(dataset_name_or_id: int | str) -> Path:

@@ -68,20 +68,34 @@ def unlabeled_image_lists(raw_folder: str | os.PathLike, dataset_json: dict) -> 
     return cases
 
 
-def _reader_writer(dataset_json: dict, example_file: str):
+def reader_writer_class(raw_folder: str | os.PathLike, dataset_json: dict):
+    """nnU-Net's reader/writer class for the dataset, chosen from a labeled training image as nnU-Net's planner does
+    (or `overwrite_image_reader_writer` in dataset.json), so broken unlabeled files cannot mislead the choice."""
+    import contextlib
+    import io
+
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
-    return determine_reader_writer_from_dataset_json(dataset_json, example_file, allow_nonmatching_filename=True,
-                                                     verbose=False)()
+    ending = dataset_json["file_ending"]
+    examples = sorted((Path(raw_folder) / "imagesTr").glob(f"*{ending}"))
+    if not examples:
+        raise SemiSAMError(f"{Path(raw_folder) / 'imagesTr'} holds no {ending} image to choose a reader from")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return determine_reader_writer_from_dataset_json(dataset_json, str(examples[0]),
+                                                         allow_nonmatching_filename=True, verbose=False)
 
 
-def _check_case(args: tuple[str, list[str], dict]) -> str | None:
-    """Return None if the case is fine, else a one-line error naming its file."""
-    case, files, dataset_json = args
+def _check_case(args: tuple) -> str | None:
+    """Return None if the case is fine, else a one-line error naming its file.
+
+    `args` = (case, files, dataset_json, reader_class[, geometry]) where the optional geometry `(transpose_forward, target_spacing,
+    patch_size)` of a plans configuration enables the check that the resampled case is at least one patch large.
+    """
+    case, files, dataset_json, reader_class = args[:4]
+    geometry = args[4] if len(args) > 4 else None
     expected = len(dataset_json["channel_names"])
     try:
-        rw = _reader_writer(dataset_json, files[0])
-        data, props = rw.read_images(files)
+        data, props = reader_class().read_images(files)
     except Exception as e:  # unreadable file: name it
         return f"{files[0]}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     if data.shape[0] != expected:
@@ -89,18 +103,38 @@ def _check_case(args: tuple[str, list[str], dict]) -> str | None:
                 f"{expected}")
     if not np.all(np.isfinite(data)):
         return f"{files[0]}: case {case} contains NaN or Inf values"
+    for f in files:  # ITK's NIfTI reader silently turns NaN into 0, so look at the stored values too
+        if f.endswith((".nii", ".nii.gz")):
+            import nibabel
+
+            if not np.all(np.isfinite(np.asanyarray(nibabel.load(f).dataobj))):
+                return f"{f}: case {case} contains NaN or Inf values"
     spacing = props.get("spacing")
     if spacing is None or any((not np.isfinite(s)) or s <= 0 for s in spacing):
         return f"{files[0]}: case {case} has an invalid spacing {spacing}"
+    if geometry is not None:
+        from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+        transpose, target_spacing, patch_size = geometry
+        shape = [data.shape[1:][i] for i in transpose]
+        spacing_t = [spacing[i] for i in transpose]
+        target = list(target_spacing) if len(target_spacing) == len(shape) else [spacing_t[0], *target_spacing]
+        new_shape = compute_new_shape(shape, spacing_t, target)[-len(patch_size):]
+        if any(s < p for s, p in zip(new_shape, patch_size)):
+            return (f"{files[0]}: case {case} is {tuple(int(s) for s in new_shape)} voxels after resampling, smaller "
+                    f"than the patch size {tuple(patch_size)}: remove it or re-plan with a smaller patch")
     return None
 
 
 def verify_unlabeled(raw_folder: str | os.PathLike, dataset_json: dict | None = None, num_processes: int = 1,
-                     require_nonempty: bool = False, progress: bool = True) -> int:
+                     require_nonempty: bool = False, progress: bool = True,
+                     geometry: tuple | None = None) -> int:
     """Integrity check of `imagesUnlabeled/` (like nnU-Net's --verify_dataset_integrity): naming, file ending,
     readable geometry, channel count equal to `channel_names`, no NaN/Inf, positive spacing.
 
-    Returns the number of unlabeled cases; raises `SemiSAMError` at the first problem.
+    With `geometry` = (transpose_forward, target spacing, patch size) of a plans configuration, a case smaller than
+    one patch after resampling is an error too. Returns the number of unlabeled cases; raises `SemiSAMError` at the
+    first problem.
     """
     from tqdm import tqdm
 
@@ -117,7 +151,8 @@ def verify_unlabeled(raw_folder: str | os.PathLike, dataset_json: dict | None = 
     if declared is not None and int(declared) != len(cases):
         raise SemiSAMError(f"{raw_folder / 'dataset.json'}: numUnlabeled is {declared} but {UNLABELED_IMAGES}/ "
                            f"holds {len(cases)} cases")
-    jobs = [(c, f, dataset_json) for c, f in cases.items()]
+    reader = reader_writer_class(raw_folder, dataset_json)
+    jobs = [(c, f, dataset_json, reader) + ((geometry,) if geometry is not None else ()) for c, f in cases.items()]
     with _pool(num_processes) as pool:
         it = pool.imap(_check_case, jobs) if pool else map(_check_case, jobs)
         for err in tqdm(it, total=len(jobs), desc="verify unlabeled", disable=not progress):
@@ -248,7 +283,12 @@ def preprocess_unlabeled(dataset_name_or_id: int | str, configuration: str, plan
             raise SemiSAMError(f"unlabeled case {missing[0]!r} is not in {raw / UNLABELED_IMAGES}")
         all_cases = {c: all_cases[c] for c in cases}
     if verify:
-        verify_unlabeled(raw, dataset_json, num_processes=num_processes, progress=progress)
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        pm = PlansManager(plans)
+        cm = pm.get_configuration(configuration)
+        verify_unlabeled(raw, dataset_json, num_processes=num_processes, progress=progress,
+                         geometry=(pm.transpose_forward, cm.spacing, cm.patch_size))
 
     signature = _configuration_signature(plans, configuration)
     manifest_file = out / MANIFEST
