@@ -31,6 +31,7 @@ setup(
         "medpy",
         "tqdm",
         "segment-anything",
+        "h5py",  # LA h5 converter
         "matplotlib",
     ],
     extras_require={

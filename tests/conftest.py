@@ -39,7 +39,8 @@ def nnunet_env(root: Path, **extra: str) -> dict[str, str]:
 def run_cmd(cmd: Sequence[str], env: dict[str, str], timeout: float = 900, check: bool = True,
             cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
     """Run a console command (e.g. `nnUNetv2_train`, `nnunet-semisam`), capture output, fail with its tail."""
-    proc = subprocess.run(list(cmd), env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    proc = subprocess.run(list(cmd), env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          encoding="utf-8", errors="replace")
     if check and proc.returncode != 0:
         raise AssertionError(
             f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-4000:]}"

@@ -53,6 +53,8 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
     def load_extra_checkpoint_state(self, state: dict) -> None:
         super().load_extra_checkpoint_state(state)
         self.ema.model.load_state_dict(state["ema_teacher"])
+        total = sum(float(v.double().sum()) for v in self.ema.model.state_dict().values())
+        self.print_to_log_file(f"EMA teacher restored (sum of weights {total:.10e})")
 
 
 class MeanTeacherTrainer_smoke(MeanTeacherTrainer):

@@ -1,0 +1,95 @@
+"""MeanTeacherTrainer through the real nnU-Net commands: train, predict, evaluate, kill and resume with --c."""
+import json
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cmd, with_results
+
+TRAINER = "MeanTeacherTrainer_smoke"
+
+
+def _log(folder: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(folder.glob("training_log_*.txt")))
+
+
+def test_train_predict_evaluate(tiny2d, tmp_path):
+    env = with_results(tiny2d, tmp_path / "results")
+    run_cmd(["nnUNetv2_train", "990", "2d", "0", "-tr", TRAINER, "-device", "cpu"], env)
+    fold = tmp_path / "results" / "Dataset990_SynthRGB" / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
+    log = _log(fold)
+    assert "Unlabeled loader: 6 cases" in log
+    terms = re.findall(r"loss terms: supervised ([\d.e+-]+) \(w 1\), consistency ([\d.e+-]+) \(w ([\d.e+-]+)\)", log)
+    assert len(terms) == 2, log
+    assert all(float(c) > 0 and float(w) > 0 for _, c, w in terms), "the unlabeled consistency term must be active"
+    assert float(terms[1][2]) > float(terms[0][2]), "ramp-up: the weight grows"
+    assert (fold / "progress_terms.png").is_file() and (fold / "progress.png").is_file()
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["semisam"]["global_step"] == 20 and "ema_teacher" in ckpt["semisam"]
+    assert ckpt["network_weights"].keys() == ckpt["semisam"]["ema_teacher"].keys()
+
+    raw = Path(env["nnUNet_raw"]) / "Dataset990_SynthRGB"
+    pred = tmp_path / "pred"
+    run_cmd(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", "990", "-c", "2d", "-f", "0",
+             "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    from PIL import Image
+    gts = sorted((raw / "labelsTs").glob("*.png"))
+    assert len(gts) == 2
+    for gt in gts:
+        p = np.asarray(Image.open(pred / gt.name))
+        assert p.shape == np.asarray(Image.open(gt)).shape and set(np.unique(p)) <= {0, 1}
+    out = run_cmd(["nnunet-semisam", "evaluate", str(pred), str(raw / "labelsTs")], env).stdout
+    metrics = json.loads((pred / "metrics.json").read_text())
+    assert "Dice" in out and metrics
+
+
+def test_kill_and_resume_restores_ema(tiny2d, tmp_path, monkeypatch):
+    env = with_results(tiny2d, tmp_path / "results")
+    fold = tmp_path / "results" / "Dataset990_SynthRGB" / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
+    cmd = ["nnUNetv2_train", "990", "2d", "0", "-tr", TRAINER, "-device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = fold / "checkpoint_latest.pth"
+    deadline = time.time() + 600
+    while time.time() < deadline and not latest.exists() and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.exists() and not (fold / "checkpoint_final.pth").exists(), "killed after the epoch-0 checkpoint"
+    saved = torch.load(latest, map_location="cpu", weights_only=False)
+    assert saved["current_epoch"] == 1 and saved["semisam"]["global_step"] == 10
+    saved_sum = sum(float(v.double().sum()) for v in saved["semisam"]["ema_teacher"].values())
+
+    # in-process: loading the checkpoint restores exactly the saved EMA weights and step
+    for k, v in env.items():
+        if k.startswith("nnUNet_"):
+            monkeypatch.setenv(k, v)
+    from nnunetv2.run.run_training import get_trainer_from_args
+    trainer = get_trainer_from_args("990", "2d", 0, TRAINER, device=torch.device("cpu"))
+    trainer.load_checkpoint(str(latest))
+    for k, v in saved["semisam"]["ema_teacher"].items():
+        assert torch.equal(trainer.ema.model.state_dict()[k], v)
+    assert trainer.global_step == 10
+
+    # the real resume
+    run_cmd(cmd + ["--c"], env)
+    log = _log(fold)
+    assert "Restored MeanTeacherTrainer_smoke state at t_it=10" in log
+    restored = float(re.search(r"EMA teacher restored \(sum of weights ([\d.e+-]+)\)", log).group(1))
+    assert restored == pytest.approx(saved_sum, rel=1e-9)
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["semisam"]["global_step"] == 20
+
+
+def test_missing_unlabeled_cases_is_a_clear_error(tmp_path):
+    from conftest import make_preprocessed_dataset
+
+    env = make_preprocessed_dataset(tmp_path / "n", 993, num_labeled=5, num_unlabeled=0, num_test=0, shape=(32, 32))
+    proc = run_cmd(["nnUNetv2_train", "993", "2d", "0", "-tr", TRAINER, "-device", "cpu"], env, check=False)
+    assert proc.returncode != 0
+    assert "needs unlabeled cases but" in proc.stderr and "nnunet-semisam preprocess-unlabeled -d" in proc.stderr
