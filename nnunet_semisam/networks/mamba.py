@@ -1,0 +1,436 @@
+"""Mamba (selective state space) block in pure PyTorch, state-dict compatible with `mamba_ssm.Mamba`.
+
+METHODS.md §3.1 (block, scan) and §3.2 (multi-direction layer); Gu & Dao, "Mamba: Linear-Time Sequence Modeling
+with Selective State Spaces" (2023), Algorithm 2.
+
+Three scan implementations with the signature of mamba_ssm's `selective_scan_ref`:
+- `selective_scan_sequential`: the reference recurrence, one Python step per token (tests and benchmarks only).
+- `selective_scan_chunked`: the same recurrence as a blockwise parallel scan (sequential inside chunks of
+  `chunk_size` tokens, vectorised over all chunks, then the same scan applied recursively to the per-chunk carries),
+  so the number of Python steps is about `chunk_size * log_chunk_size(L)` instead of `L`. Decays are multiplied,
+  never divided, so long sequences underflow to 0 instead of overflowing.
+- `selective_scan`: dispatches to mamba_ssm's fused CUDA kernel when `mamba_ssm` imports and `u` is on CUDA, else to
+  `selective_scan_chunked`.
+
+mamba-ssm is an optional extra (`pip install .[cuda]`); nothing here needs it. Which path runs is printed to stderr
+once per process (`mamba_backend` says it without printing).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from types import SimpleNamespace
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+_LOG2_E = 1.4426950408889634  # log2(e)
+
+__all__ = [
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_sequential",
+    "selective_scan_flops",
+    "mamba_backend",
+    "Mamba",
+    "MambaLayer",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# optional fused kernels
+# ----------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _mamba_ssm_ops() -> Optional[SimpleNamespace]:
+    """mamba_ssm's fused functions, or None when mamba_ssm (a CUDA-only build) does not import here."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
+    except Exception:  # ImportError, or OSError/RuntimeError from a broken CUDA extension
+        return None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:
+        causal_conv1d_fn = None
+    return SimpleNamespace(selective_scan_fn=selective_scan_fn, mamba_inner_fn=mamba_inner_fn,
+                           causal_conv1d_fn=causal_conv1d_fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _announce(backend: str) -> None:
+    """Print once per process and backend which Mamba implementation runs (no silent path switching)."""
+    what = {
+        "mamba_ssm-fused": "mamba_ssm fused kernels (mamba_inner_fn, causal_conv1d)",
+        "mamba_ssm-scan": "mamba_ssm selective_scan_fn CUDA kernel (causal_conv1d not installed)",
+        "pure": "pure-PyTorch chunked selective scan (mamba_ssm not importable or tensor not on CUDA)",
+    }[backend]
+    print(f"nnunet_semisam Mamba: using the {what}", file=sys.stderr, flush=True)
+
+
+def mamba_backend(x: torch.Tensor, use_fast_path: bool = True) -> str:
+    """Which implementation `Mamba.forward` uses for input `x`: 'mamba_ssm-fused', 'mamba_ssm-scan' or 'pure'."""
+    ops = _mamba_ssm_ops() if (use_fast_path and x.is_cuda) else None
+    if ops is None:
+        return "pure"
+    return "mamba_ssm-fused" if ops.causal_conv1d_fn is not None else "mamba_ssm-scan"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# selective scan
+# ----------------------------------------------------------------------------------------------------------------
+def _finish(y: torch.Tensor, u: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+            dtype: torch.dtype) -> torch.Tensor:
+    """`(y + u*D) * silu(z)` cast to the input dtype, as in selective_scan_ref."""
+    out = y if D is None else y + u * D.float()[:, None]
+    if z is not None:
+        out = out * F.silu(z.float())
+    return out.to(dtype)
+
+
+def selective_scan_sequential(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                              C: torch.Tensor, D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+                              delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                              return_last_state: bool = False):
+    """Reference selective scan, one step per token: `s_l = exp(delta_l A) s_{l-1} + delta_l B_l u_l`, `y_l = C_l s_l`.
+
+    Line-by-line transcription of mamba_ssm's `selective_scan_ref` (METHODS.md §3.1, backend (b)) for real A,
+    including its per-step einsum. Shapes: u, delta, z (b, d, L); A (d, N); B, C (d, N) | (b, N, L) | (b, G, N, L);
+    D, delta_bias (d,). Computed in float32, returned in u's dtype, shape (b, d, L) (plus the last state (b, d, N) if
+    `return_last_state`). Differentiable in all inputs. Slow (L Python steps): the yardstick for the chunked scan.
+    """
+    if A.is_complex():
+        raise NotImplementedError("complex A (S4D-Lin) is not supported; use a real A")
+    dtype_in = u.dtype
+    u = u.float()
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].float()
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, dstate = u.shape[0], A.shape[0], A.shape[1]
+    A = A.float()
+    B = B.float()
+    C = C.float()
+    x = A.new_zeros((batch, dim, dstate))
+    ys = []
+    delta_A = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    if B.dim() == 2:
+        delta_B_u = torch.einsum("bdl,dn,bdl->bdln", delta, B, u)
+    elif B.dim() == 3:
+        delta_B_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    else:
+        B = B.repeat_interleave(dim // B.shape[1], dim=1)
+        delta_B_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u)
+    if C.dim() == 4:
+        C = C.repeat_interleave(dim // C.shape[1], dim=1)
+    for i in range(u.shape[2]):
+        x = delta_A[:, :, i] * x + delta_B_u[:, :, i]
+        if C.dim() == 2:
+            y = torch.einsum("bdn,dn->bd", x, C)
+        elif C.dim() == 3:
+            y = torch.einsum("bdn,bn->bd", x, C[:, :, i])
+        else:
+            y = torch.einsum("bdn,bdn->bd", x, C[:, :, :, i])
+        ys.append(y)
+    out = _finish(torch.stack(ys, dim=2), u, D, z, dtype_in)
+    return (out, x) if return_last_state else out
+
+
+def _linear_recurrence(a: torch.Tensor, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """All states of `s_t = a_t * s_{t-1} + x_t`, `s_{-1} = 0`, along dim -2 of (M, L, N) tensors; blockwise.
+
+    Used for the per-chunk carries of `selective_scan_chunked` (L = number of chunks). Inside each chunk of
+    `chunk_size` steps the recurrence runs step by step, vectorised over all chunks, together with the running decay
+    product `P_t = a_t ... a_{t0}`; the state entering each chunk obeys the same recurrence over chunks (decay
+    `P_end`, input `s_end`), solved by recursion; then `s_t = s_local_t + P_t * carry`.
+    """
+    M, L, N = x.shape
+    if L <= chunk_size:
+        s = x[:, 0]
+        states = [s]
+        for t in range(1, L):
+            s = torch.addcmul(x[:, t], a[:, t], s)
+            states.append(s)
+        return torch.stack(states, dim=1)
+    n_chunks = -(-L // chunk_size)
+    pad = n_chunks * chunk_size - L
+    if pad:  # identity steps at the end: decay 1, input 0
+        a = F.pad(a, (0, 0, 0, pad), value=1.0)
+        x = F.pad(x, (0, 0, 0, pad), value=0.0)
+    a = a.reshape(M, n_chunks, chunk_size, N)
+    x = x.reshape(M, n_chunks, chunk_size, N)
+    s, p = x[:, :, 0], a[:, :, 0]
+    local, decay = [s], [p]
+    for t in range(1, chunk_size):
+        s = torch.addcmul(x[:, :, t], a[:, :, t], s)
+        p = p * a[:, :, t]
+        local.append(s)
+        decay.append(p)
+    ends = _linear_recurrence(decay[-1], local[-1], chunk_size)  # true state at the end of each chunk
+    carry = F.pad(ends[:, :-1], (0, 0, 1, 0))  # state entering each chunk
+    states = torch.stack(local, dim=2) + torch.stack(decay, dim=2) * carry[:, :, None]
+    return states.reshape(M, n_chunks * chunk_size, N)[:, :L]
+
+
+def _steps_first(t: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(b, k, L) -> (T, b, k, n_chunks), zero-padded to whole chunks: step t of every chunk is one contiguous slab."""
+    b, k, L = t.shape
+    n_chunks = -(-L // chunk_size)
+    if n_chunks * chunk_size != L:
+        t = F.pad(t, (0, n_chunks * chunk_size - L))
+    return t.reshape(b, k, n_chunks, chunk_size).permute(3, 0, 1, 2).contiguous()
+
+
+def _bc_steps_first(M: torch.Tensor, dim: int, chunk_size: int) -> torch.Tensor:
+    """B or C (d, N) | (b, N, L) | (b, G, N, L) as a tensor broadcastable to (T, b, d, n_chunks, N)."""
+    M = M.float()
+    if M.dim() == 2:
+        return M[None, None, :, None, :]
+    if M.dim() == 3:
+        return _steps_first(M, chunk_size).transpose(-1, -2).unsqueeze(2).contiguous()
+    if M.dim() == 4:
+        if dim % M.shape[1]:
+            raise ValueError(f"grouped B/C with {M.shape[1]} groups does not divide d = {dim}")
+        b, g, n, L = M.shape
+        M = _steps_first(M.reshape(b, g * n, L), chunk_size).reshape(chunk_size, b, g, n, -1)
+        return M.transpose(-1, -2).repeat_interleave(dim // g, dim=2)
+    raise ValueError(f"B/C must have 2, 3 or 4 dims (d N | b N L | b G N L), got shape {tuple(M.shape)}")
+
+
+def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                           D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+                           delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                           return_last_state: bool = False, chunk_size: int = 32):
+    """Selective scan as a blockwise parallel scan in pure PyTorch (METHODS.md §3.1, backend (c)).
+
+    Same signature, shapes, float32 computation and result as `selective_scan_sequential` / mamba_ssm's
+    `selective_scan_ref` (u, delta, z (b, d, L); A (d, N); B, C (d, N) | (b, N, L) | (b, G, N, L); D, delta_bias
+    (d,); out (b, d, L), last state (b, d, N)). Autograd flows to every input.
+
+    The sequence is cut into chunks of `chunk_size` tokens, laid out step-major so that step t of all chunks is one
+    contiguous (b, d, n_chunks, N) slab. Pass 1 runs the recurrence from a zero state inside every chunk at once
+    (`chunk_size` vectorised steps) and keeps only the chunk-end states; the chunk decay is `exp(A * sum(delta))`.
+    The states entering each chunk follow the same recurrence over chunks (`_linear_recurrence`, recursive). Pass 2
+    re-runs the steps from those states and reads `y_t = C_t . s_t` on the fly, so the (b, d, L, N) states are
+    never stored (the discretised decays and inputs are, once). Decays are multiplied, never divided: long sequences
+    (L = 65,536) underflow towards 0 and cannot overflow.
+    """
+    if A.is_complex():
+        raise NotImplementedError("complex A (S4D-Lin) is not supported by the pure-PyTorch scan; use a real A")
+    dtype_in = u.dtype
+    u = u.float()
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].float()
+    if delta_softplus:
+        delta = F.softplus(delta)
+    b, d, L = u.shape
+    N = A.shape[1]
+    T = max(1, min(chunk_size, L))
+    A2 = (A.float() * _LOG2_E)[None, :, None, :]  # exp(delta A) = exp2(delta A log2(e)); exp2 is ~5x faster on CPU
+    delta_s = _steps_first(delta, T)  # (T, b, d, nc)
+    du_s = _steps_first(delta * u, T)
+    B_s = _bc_steps_first(B, d, T)  # broadcastable to (T, b, d, nc, N)
+    C_s = _bc_steps_first(C, d, T)
+    n_chunks = delta_s.shape[-1]
+
+    # pass 1: chunk-end states from a zero start; the per-step slabs are kept for pass 2
+    decays, inputs, s = [], [], None
+    for t in range(T):
+        a_t = torch.exp2(delta_s[t].unsqueeze(-1) * A2)  # exp(delta_t A), (b, d, nc, N)
+        x_t = du_s[t].unsqueeze(-1) * B_s[min(t, B_s.shape[0] - 1)]  # delta_t B_t u_t
+        s = x_t if s is None else torch.addcmul(x_t, a_t, s)
+        decays.append(a_t)
+        inputs.append(x_t)
+    chunk_decay = torch.exp2(delta_s.sum(0).unsqueeze(-1) * A2)  # (b, d, nc, N)
+    ends = _linear_recurrence(chunk_decay.reshape(b * d, n_chunks, N), s.reshape(b * d, n_chunks, N), T)
+    s = F.pad(ends[:, :-1], (0, 0, 1, 0)).reshape(b, d, n_chunks, N)  # state entering each chunk
+    # pass 2: exact states from the carried-in state, read out on the fly
+    ys = []
+    for t in range(T):
+        s = torch.addcmul(inputs[t], decays[t], s)
+        ys.append((s * C_s[min(t, C_s.shape[0] - 1)]).sum(-1))
+    y = torch.stack(ys, dim=-1).reshape(b, d, n_chunks * T)[..., :L]
+    out = _finish(y, u, D, z, dtype_in)
+    return (out, s[:, :, -1]) if return_last_state else out
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+                   delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                   return_last_state: bool = False):
+    """Selective scan with mamba_ssm's `selective_scan_fn` signature: fused CUDA kernel if available, else chunked.
+
+    See `selective_scan_chunked` for shapes and semantics (METHODS.md §3.1). The fused kernel is used only when
+    `mamba_ssm` imports and `u` is on CUDA.
+    """
+    ops = _mamba_ssm_ops() if u.is_cuda else None
+    if ops is not None:
+        return ops.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def selective_scan_flops(batch: int, length: int, d_inner: int, d_state: int, with_D: bool = True,
+                         with_z: bool = True) -> int:
+    """Floating-point operations of one selective scan: `9*b*L*d*N (+ b*d*L for D) (+ b*d*L for z)`.
+
+    The count fvcore-based Mamba papers use (VMamba's `flops_selective_scan_fn`): discretisation exp(delta A) and
+    delta B u, the multiply-add recurrence and the C readout. `torch.utils.flop_counter` sees none of it (the pure
+    scan has no matmul), so complexity reports add it analytically; MACs = FLOPs / 2.
+    """
+    flops = 9 * batch * length * d_inner * d_state
+    if with_D:
+        flops += batch * d_inner * length
+    if with_z:
+        flops += batch * d_inner * length
+    return flops
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mamba block
+# ----------------------------------------------------------------------------------------------------------------
+class Mamba(nn.Module):
+    """Mamba block (B, L, D) -> (B, L, D) with mamba_ssm's parameter names, shapes and initialisation.
+
+    METHODS.md §3.1. Constructor arguments are those of `mamba_ssm.Mamba` (mamba_simple.py): `d_model` = D, `d_state`
+    = N, `d_conv` (causal depthwise conv width), `expand` (E = expand*D), `dt_rank` ("auto" = ceil(D/16)), the
+    dt initialisation range `dt_min`/`dt_max`/`dt_init`/`dt_scale`/`dt_init_floor`, `conv_bias`, `bias` (in/out
+    projections), `use_fast_path` (allow mamba_ssm's fused kernels on CUDA), `layer_idx`, `device`, `dtype`.
+    State dict: A_log (E, N), D (E,), in_proj.weight (2E, D), conv1d.weight (E, 1, d_conv), conv1d.bias (E,),
+    x_proj.weight (r + 2N, E), dt_proj.weight (E, r), dt_proj.bias (E,), out_proj.weight (D, E), so checkpoints move
+    between this class and mamba_ssm.Mamba with `load_state_dict(strict=True)`. Incremental decoding (`step`,
+    inference_params) is not implemented. `checkpoint_scan` (not in mamba_ssm) recomputes the pure scan in the
+    backward pass instead of storing its (B, E, L, N) states, as mamba_ssm's kernel does.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
+                 dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
+                 use_fast_path: bool = True, layer_idx: Optional[int] = None, device=None, dtype=None,
+                 checkpoint_scan: bool = True):
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.use_fast_path = use_fast_path
+        self.layer_idx = layer_idx
+        self.checkpoint_scan = checkpoint_scan
+
+        self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory_kwargs)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias, **factory_kwargs)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory_kwargs)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory_kwargs)
+
+        # dt projection init preserving variance; bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]
+        dt_init_std = self.dt_rank ** -0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, dt_init_std)
+        elif dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        else:
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        dt = torch.exp(torch.rand(self.d_inner, **factory_kwargs) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        inv_dt = dt + torch.log(-torch.expm1(-dt))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inv_dt)
+        self.dt_proj.bias._no_reinit = True
+
+        # S4D-real init, kept in float32, no weight decay
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D); the non-fused path of mamba_ssm (METHODS.md §3.1 steps 1-5) or its fused kernel."""
+        backend = mamba_backend(hidden_states, self.use_fast_path)
+        _announce(backend)
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
+        if backend == "mamba_ssm-fused":
+            return _mamba_ssm_ops().mamba_inner_fn(
+                xz.contiguous(), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.out_proj.weight, self.out_proj.bias, -torch.exp(self.A_log.float()), None, None,
+                self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        return self.out_proj(self._mix(xz, backend).transpose(1, 2))
+
+    def forward_bidirectional(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(M(h) + flip(M(flip(h)))) / 2` for h (B, L, D): forward and reversed scan with shared weights.
+
+        in_proj and out_proj act per token, so on the non-fused paths they run once (in_proj(flip(h)) =
+        flip(in_proj(h)); the two out_proj terms are summed before the projection): the same result as two `forward`
+        calls with about half the projection MACs. The fused path runs `forward` on the batch [h; flip(h)].
+        """
+        backend = mamba_backend(hidden_states, self.use_fast_path)
+        b = hidden_states.shape[0]
+        if backend == "mamba_ssm-fused":
+            both = self.forward(torch.cat([hidden_states, hidden_states.flip(1)], dim=0))
+            return 0.5 * (both[:b] + both[b:].flip(1))
+        _announce(backend)
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
+        y = self._mix(torch.cat([xz, xz.flip(-1)], dim=0), backend)  # (2B, E, L)
+        y = 0.5 * (y[:b] + y[b:].flip(-1))
+        return self.out_proj(y.transpose(1, 2))
+
+    def _mix(self, xz: torch.Tensor, backend: str) -> torch.Tensor:
+        """Steps 1-4 after in_proj: causal conv, x_proj, dt_proj, selective scan; (B, 2E, L) -> y (B, E, L)."""
+        seqlen = xz.shape[-1]
+        x, z = xz.chunk(2, dim=1)
+        x = F.silu(self.conv1d(x)[..., :seqlen])  # causal depthwise conv
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, r + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, E, L); bias added inside the scan
+        B = B.transpose(1, 2).contiguous()  # (B, N, L)
+        C = C.transpose(1, 2).contiguous()
+        args = (x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z, self.dt_proj.bias.float(), True)
+        if backend == "mamba_ssm-scan":
+            return _mamba_ssm_ops().selective_scan_fn(*args)
+        if self.checkpoint_scan and torch.is_grad_enabled():
+            return checkpoint(selective_scan_chunked, *args, use_reentrant=False)
+        return selective_scan_chunked(*args)
+
+
+class MambaLayer(nn.Module):
+    """Residual multi-direction Mamba over the flattened spatial tokens of a (B, C, *spatial) map.
+
+    METHODS.md §3.2 (`MambaLayer2D`), for 2D and 3D alike: tokens `t = flatten(x)^T` (B, L, C) in row-major order
+    (index = y*W + x in 2D, z*H*W + y*W + x in 3D), `n = LayerNorm(t)`, `y = (M(n) + flip(M(flip(n)))) / 2` with one
+    shared `Mamba` M (`Mamba.forward_bidirectional`: both scans run as one batch of 2B), output `x + reshape(y)`.
+    In 3D this is the same bidirectional scan of the flattened volume (not tri-directional). Runs in float32 with
+    autocast disabled (as U-Mamba), result cast back to x's dtype. Parameters: 6C^2 + 4Cr + 112C with r = ceil(C/16).
+    """
+
+    def __init__(self, channels: int, d_state: int = 16, d_conv: int = 4, expand: int = 2):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.mamba = Mamba(channels, d_state=d_state, d_conv=d_conv, expand=expand)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *spatial) -> (B, C, *spatial)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.float()
+            tokens = self.norm(xf.flatten(2).transpose(1, 2))  # (B, L, C)
+            y = self.mamba.forward_bidirectional(tokens)
+            out = xf + y.transpose(1, 2).reshape(xf.shape)
+        return out.to(x.dtype)
+
+    def scan_flops(self, batch: int, num_tokens: int) -> int:
+        """Selective-scan FLOPs of one forward (both directions) for `batch` maps of `num_tokens` tokens."""
+        return selective_scan_flops(2 * batch, num_tokens, self.mamba.d_inner, self.mamba.d_state)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (elements) of `module`."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
