@@ -1,0 +1,224 @@
+"""`nnunet-semisam pseudolabel`: teacher pseudo-labels for preprocessed cases (METHODS.md §4.5, §5.4).
+
+Example (the labeled-case teacher targets of §4.5, then Algorithm 2 on unlabeled cases from a student model):
+    nnunet-semisam pseudolabel -d 501 -c 2d --prompts gt-boxes --box-min-area 1 --checkpoint medsam_vit_b.pth
+    nnunet-semisam pseudolabel -d 501 -c 2d --prompts student --student-model $nnUNet_results/Dataset501_X/TR__P__2d \
+        -f 0 --aug 4 --var-threshold 0.05 --num-parts 2 --part-id 0 --device cuda
+Without --checkpoint the embedded stand-in teacher (small SAM trained on synthetic lesions) is used.
+Output: `$nnUNet_preprocessed/DatasetXXX/<data_identifier>_pseudolabels/` (see `nnunet_semisam.teachers.pseudolabels`).
+Re-running resumes; --num-parts/--part-id split the cases like nnUNetv2_predict.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pseudolabel", help="teacher pseudo-labels (MedSAM / MedSAM2, Algorithm 2) for preprocessed cases",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", required=True, help="dataset id or name")
+    p.add_argument("-c", default="2d", help="configuration (default 2d)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("--teacher", choices=("medsam", "medsam2"), default="medsam")
+    p.add_argument("--checkpoint", default=None,
+                   help="local teacher checkpoint (medsam_vit_b.pth, a MedSAM2 .pt); default: the embedded stand-in")
+    p.add_argument("--model-type", default=None, help="SAM model type (vit_b, semisam_tiny, ...); default: detected")
+    p.add_argument("--medsam2-config", default=None, help="MedSAM2/SAM2 hydra config name (medsam2 teacher)")
+    p.add_argument("--prompts", choices=("gt-boxes", "student", "file"), required=True,
+                   help="gt-boxes: boxes of the labels (labeled cases); student: boxes/masks of a trained nnU-Net "
+                        "model's prediction; file: --prompt-file")
+    p.add_argument("--prompt-file", default=None,
+                   help="JSON {case: {slice: [[x0, y0, x1, y1], ...]}} or a folder of CASE.npy / CASE.npz ('mask') "
+                        "masks on the preprocessed grid")
+    p.add_argument("--student-model", default=None, help="trained model folder (the one holding plans.json)")
+    p.add_argument("-f", default="0", help="fold of --student-model (default 0)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name of --student-model")
+    p.add_argument("--cases", choices=("unlabeled", "labeled", "all"), default=None,
+                   help="which cases (default: labeled for gt-boxes, unlabeled otherwise)")
+    p.add_argument("--aug", type=int, default=0,
+                   help="0: plain MedSAM (reference path); N > 0: Semi-SAM+ Algorithm 2 with N augmentations")
+    p.add_argument("--var-threshold", type=float, default=0.05, help="u_th of Algorithm 2 (default 0.05)")
+    p.add_argument("--box-min-area", type=int, default=10, help="drop components smaller than this (px)")
+    p.add_argument("--max-boxes", type=int, default=5)
+    p.add_argument("--mask-prompt", choices=("box", "mask", "box+mask"), default="box",
+                   help="how Algorithm 2's mask prompt reaches a 2D MedSAM (default: its boxes)")
+    p.add_argument("--teacher-channel", type=int, default=0, help="input channel the teacher sees (rule U)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-parts", type=int, default=1)
+    p.add_argument("--part-id", type=int, default=0)
+    p.add_argument("--device", "-device", dest="device", default=None, help="cuda | cpu (default: cuda if available)")
+    p.add_argument("-o", "--output-folder", default=None, help="default: <preprocessed>/<data_identifier>_pseudolabels")
+    p.add_argument("--cache-dir", default=None, help="embedding cache (default: OUTPUT/.embedding_cache)")
+    p.add_argument("--cache-gb", type=float, default=4.0, help="disk limit of the embedding cache")
+    p.add_argument("--overwrite", action="store_true", help="recompute everything, replacing other parameters")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _file_prompts(path: str):
+    """(mask_fn, boxes_fn) reading masks from a folder or boxes from a JSON file."""
+    import numpy as np
+
+    from nnunet_semisam.errors import SemiSAMError
+    from nnunet_semisam.teachers.prompts import boxes_to_mask
+
+    src = Path(path)
+    if src.is_dir():
+        def mask_fn(case, data, seg):
+            for name in (f"{case.case_id}.npz", f"{case.case_id}.npy"):
+                f = src / name
+                if f.is_file():
+                    if name.endswith(".npz"):
+                        with np.load(f) as z:
+                            m = z["mask"]
+                    else:
+                        m = np.load(f)
+                    m = np.asarray(m) > 0
+                    return m[0] if m.ndim == data.ndim else m
+            return None
+        return mask_fn, None
+    if not src.is_file():
+        raise SemiSAMError(f"--prompt-file {src} does not exist")
+    try:
+        table = json.loads(src.read_text())
+    except json.JSONDecodeError as e:
+        raise SemiSAMError(f"--prompt-file {src} is not valid JSON: {e}") from None
+    boxes_of = {c: {int(z): np.asarray(b, np.int64).reshape(-1, 4) for z, b in per.items()} for c, per in table.items()}
+
+    def boxes_fn(case, spatial):
+        return boxes_of.get(case.case_id, {})
+
+    def mask_fn(case, data, seg):
+        b = boxes_of.get(case.case_id)
+        if not b:
+            return None
+        m = np.zeros(data.shape[1:], bool)
+        for z, bb in b.items():
+            m[z] = boxes_to_mask(bb, m.shape[1:])
+        return m
+    return mask_fn, boxes_fn
+
+
+def _student_mask_fn(model_dir: str, fold: str, checkpoint: str, device):
+    import numpy as np
+    import torch
+
+    from nnunet_semisam.errors import SemiSAMError
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    if not (Path(model_dir) / "plans.json").is_file():
+        raise SemiSAMError(f"--student-model {model_dir} is not a trained nnU-Net model folder (no plans.json)")
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=device,
+                                verbose=False, allow_tqdm=False)
+    fold_v = fold if fold == "all" else int(fold)
+    predictor.initialize_from_trained_model_folder(model_dir, (fold_v,), checkpoint_name=checkpoint)
+
+    def mask_fn(case, data, seg):
+        with torch.no_grad():
+            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(np.ascontiguousarray(data)))
+        return (logits.argmax(0) != 0).cpu().numpy()
+    return mask_fn
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_semisam.data.nnunet_paths import preprocessed_dataset_folder
+    from nnunet_semisam.data.unlabeled import list_preprocessed_unlabeled, unlabeled_preprocessed_folder
+    from nnunet_semisam.errors import SemiSAMError
+    from nnunet_semisam.teachers.cache import EmbeddingCache
+    from nnunet_semisam.teachers.pseudolabels import (CaseSource, PseudoLabelParams, generate_pseudolabels,
+                                                      pseudolabel_folder, shard)
+    from nnunet_semisam.teachers.sam_models import embedded_teacher_checkpoint
+
+    # ---- validate everything before writing anything
+    shard(range(1), args.num_parts, args.part_id)  # validates --num-parts / --part-id
+    if args.aug < 0:
+        raise SemiSAMError(f"--aug must be >= 0, got {args.aug}")
+    if not 0 < args.var_threshold <= 0.25:
+        raise SemiSAMError(f"--var-threshold must be in (0, 0.25] (variance of values in [0, 1]), got {args.var_threshold}")
+    if args.prompts == "file" and not args.prompt_file:
+        raise SemiSAMError("--prompts file needs --prompt-file PATH")
+    if args.prompts == "student" and not args.student_model:
+        raise SemiSAMError("--prompts student needs --student-model MODEL_FOLDER (trained nnU-Net output folder)")
+    which = args.cases or ("labeled" if args.prompts == "gt-boxes" else "unlabeled")
+    if args.prompts == "gt-boxes" and which != "labeled":
+        raise SemiSAMError("--prompts gt-boxes uses the labels, which unlabeled cases do not have: use --cases labeled")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SemiSAMError("--device cuda but no CUDA device is available; use --device cpu")
+
+    pp = preprocessed_dataset_folder(args.d)
+    plans_file = pp / f"{args.p}.json"
+    if not plans_file.is_file():
+        raise SemiSAMError(f"{plans_file} does not exist: run nnUNetv2_plan_and_preprocess -d {args.d} first")
+    plans = json.loads(plans_file.read_text())
+    pm = PlansManager(plans)
+    if args.c not in pm.available_configurations:
+        raise SemiSAMError(f"configuration {args.c!r} is not in {plans_file.name}")
+    cm = pm.get_configuration(args.c)
+    labeled_folder = pp / cm.data_identifier
+    cases: list[CaseSource] = []
+    if which in ("labeled", "all"):
+        if not labeled_folder.is_dir():
+            raise SemiSAMError(f"{labeled_folder} does not exist: run nnUNetv2_preprocess -d {args.d} -c {args.c}")
+        cases += [CaseSource(n[:-5], str(labeled_folder), True) for n in sorted(p.name for p in
+                  labeled_folder.glob("*.b2nd")) if not n.endswith("_seg.b2nd")]
+    if which in ("unlabeled", "all"):
+        unl = unlabeled_preprocessed_folder(args.d, args.p, args.c)
+        ids = list_preprocessed_unlabeled(unl)
+        if not ids:
+            raise SemiSAMError(f"no preprocessed unlabeled cases in {unl}: run nnunet-semisam preprocess-unlabeled "
+                               f"-d {args.d} -c {args.c}")
+        cases += [CaseSource(c, str(unl), False) for c in ids]
+    if not cases:
+        raise SemiSAMError(f"no {which} cases found for dataset {args.d}, configuration {args.c}")
+
+    mask_fn = boxes_fn = None
+    if args.prompts == "gt-boxes":
+        mask_fn = lambda case, data, seg: seg[0] > 0  # noqa: E731 - labels on the preprocessed grid
+    elif args.prompts == "file":
+        mask_fn, boxes_fn = _file_prompts(args.prompt_file)
+
+    out = Path(args.output_folder) if args.output_folder else pseudolabel_folder(args.d, args.p, args.c)
+    ckpt = args.checkpoint
+    if ckpt is None:
+        ckpt = embedded_teacher_checkpoint()
+        print(f"using the embedded stand-in teacher {ckpt} (not MedSAM; pass --checkpoint for real weights)")
+    cache = EmbeddingCache(args.cache_dir or out / ".embedding_cache", max_bytes=int(args.cache_gb * (1 << 30)))
+    if args.teacher == "medsam":
+        from nnunet_semisam.teachers.medsam import MedSAMTeacher
+
+        teacher = MedSAMTeacher.from_checkpoint(ckpt, args.model_type, device=device, cache=cache)
+        model_type, sha1 = teacher.model_type, teacher.checkpoint_sha1
+    else:
+        from nnunet_semisam.teachers.medsam2 import MedSAM2Teacher
+
+        teacher = MedSAM2Teacher.from_checkpoint(ckpt, config=args.medsam2_config, device=device)
+        model_type, sha1 = teacher.config_name, teacher.checkpoint_sha1
+    if args.prompts == "student":
+        mask_fn = _student_mask_fn(args.student_model, args.f, args.chk, device)
+
+    params = PseudoLabelParams(
+        teacher=args.teacher, checkpoint_sha1=sha1, model_type=model_type or "", prompt_source=args.prompts,
+        aug=args.aug, var_threshold=args.var_threshold, box_min_area=args.box_min_area, max_boxes=args.max_boxes,
+        mask_prompt=args.mask_prompt, teacher_channel=args.teacher_channel, seed=args.seed,
+        extra={"prompt_file": str(args.prompt_file) if args.prompt_file else None,
+               "student_model": args.student_model, "fold": args.f if args.student_model else None})
+    run_info = {"dataset": pp.name, "configuration": args.c, "plans_identifier": args.p,
+                "checkpoint": str(Path(ckpt).resolve()), "cases_selected": which}
+    case_fn = None
+    if args.teacher == "medsam2":
+        from nnunet_semisam.teachers.medsam2 import medsam2_pseudolabel_case as case_fn
+    status = generate_pseudolabels(teacher, cases, out, params, cm.normalization_schemes,
+                                   plans.get("foreground_intensity_properties_per_channel"), mask_fn, boxes_fn,
+                                   args.num_parts, args.part_id, args.overwrite, not args.quiet, run_info,
+                                   case_fn=case_fn)
+    done = sum(v == "done" for v in status.values())
+    print(f"pseudo-labels: {done} written, {len(status) - done} already up to date, in {out}")
+    return 0

@@ -1,0 +1,180 @@
+"""SAM-architecture builders and checkpoint loading shared by MedSAM and the embedded stand-in teacher.
+
+Model types: `vit_b`, `vit_l`, `vit_h` are `segment_anything`'s own builders (MedSAM is `vit_b`, METHODS.md §2.1);
+`semisam_tiny` is the small SAM-architecture model of the embedded teacher (same 1024² input, patch 16, 64×64
+embedding grid and the same `Sam` classes, only narrower/shallower). Our registry is a separate dict: importing this
+module never modifies `segment_anything.sam_model_registry`.
+
+Checkpoint formats accepted by `load_sam_checkpoint` (all through one code path):
+- a plain `Sam` state dict (`medsam_vit_b.pth`, SAM's `sam_vit_b_01ec64.pth`);
+- MedSAM training checkpoints `{"model": state_dict, "optimizer": ..., "epoch": ...}`;
+- this package's format `{"format": CHECKPOINT_FORMAT, "model_type": str, "arch": dict, "state_dict": ...}`,
+  which records its architecture so that `model_type` can be omitted.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from nnunet_semisam.errors import SemiSAMError
+
+CHECKPOINT_FORMAT = "nnunet_semisam.sam/1"
+
+# the block indices whose outputs are the distillation taps T_1..T_4 (METHODS.md §2.5)
+TAP_BLOCKS = {"vit_b": (2, 5, 8, 11), "vit_l": (5, 11, 17, 23), "vit_h": (7, 15, 23, 31), "semisam_tiny": (0, 1, 2, 3)}
+
+# architecture of the embedded stand-in teacher (kept small enough to train on 2 CPU cores, see train_embedded.py)
+# (all blocks use 14x14 window attention: a global block over 4096 tokens would cost more than the rest together)
+TINY_ARCH = dict(encoder_embed_dim=48, encoder_depth=4, encoder_num_heads=2, encoder_global_attn_indexes=(),
+                 prompt_embed_dim=64, decoder_mlp_dim=256, decoder_num_heads=2, iou_head_hidden_dim=64)
+
+
+def build_sam_custom(
+    encoder_embed_dim: int,
+    encoder_depth: int,
+    encoder_num_heads: int,
+    encoder_global_attn_indexes: tuple[int, ...],
+    prompt_embed_dim: int = 256,
+    decoder_mlp_dim: int = 2048,
+    decoder_num_heads: int = 8,
+    iou_head_hidden_dim: int = 256,
+) -> nn.Module:
+    """A `segment_anything.modeling.Sam` with SAM's fixed geometry (1024² input, patch 16, 64×64 grid, window 14).
+
+    With the defaults and (768, 12, 12, (2, 5, 8, 11)) it is exactly `build_sam_vit_b`. Returned in `eval()` mode.
+    """
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    image_size, patch = 1024, 16
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=encoder_depth, embed_dim=encoder_embed_dim, img_size=image_size, mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=encoder_num_heads, patch_size=patch,
+            qkv_bias=True, use_rel_pos=True, global_attn_indexes=tuple(encoder_global_attn_indexes), window_size=14,
+            out_chans=prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_embed_dim, image_embedding_size=(image_size // patch, image_size // patch),
+            input_image_size=(image_size, image_size), mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_embed_dim, mlp_dim=decoder_mlp_dim,
+                                          num_heads=decoder_num_heads),
+            transformer_dim=prompt_embed_dim, iou_head_depth=3, iou_head_hidden_dim=iou_head_hidden_dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    return sam.eval()
+
+
+def _segment_anything_builder(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from segment_anything import sam_model_registry
+
+        return sam_model_registry[name](checkpoint=None)
+    return build
+
+
+MODEL_BUILDERS: dict[str, Callable[[], nn.Module]] = {
+    "vit_b": _segment_anything_builder("vit_b"),
+    "vit_l": _segment_anything_builder("vit_l"),
+    "vit_h": _segment_anything_builder("vit_h"),
+    "semisam_tiny": partial(build_sam_custom, **TINY_ARCH),
+}
+
+
+def file_sha1(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """SHA-1 of a file's bytes (the checkpoint identity used in cache keys and manifests)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _detect_model_type(state_dict: dict[str, torch.Tensor]) -> str | None:
+    w = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if w is None:
+        return None
+    n_blocks = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
+    for name, (dim, depth) in {"vit_b": (768, 12), "vit_l": (1024, 24), "vit_h": (1280, 32),
+                               "semisam_tiny": (TINY_ARCH["encoder_embed_dim"], TINY_ARCH["encoder_depth"])}.items():
+        if w.shape[0] == dim and n_blocks == depth:
+            return name
+    return None
+
+
+def load_sam_checkpoint(path: str | os.PathLike, model_type: str | None = None,
+                        device: str | torch.device = "cpu") -> tuple[nn.Module, str, str]:
+    """Build the SAM of `model_type` and load the checkpoint at `path` into it (strict), in `eval()` mode.
+
+    `model_type=None` takes it from the checkpoint's own record (this package's format) or detects it from the
+    state dict's encoder width and depth. Returns (sam on `device`, model_type, sha1 of the checkpoint file).
+    Raises SemiSAMError for a missing/unreadable file, an unknown model type, or weights of another architecture.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SemiSAMError(f"SAM/MedSAM checkpoint not found: {path} (give a local file, e.g. medsam_vit_b.pth; "
+                           "nothing is downloaded)")
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem is a user error about this file
+        raise SemiSAMError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    arch = None
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        state_dict, model_type = obj["state_dict"], model_type or obj["model_type"]
+        arch = obj.get("arch")
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        state_dict = obj["model"]
+    elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state_dict = obj
+    else:
+        raise SemiSAMError(f"checkpoint {path} is not a SAM state dict (expected parameter tensors)")
+    if model_type is None:
+        model_type = _detect_model_type(state_dict)
+        if model_type is None:
+            raise SemiSAMError(f"cannot detect the SAM architecture of {path}; pass model_type "
+                               f"(one of {sorted(MODEL_BUILDERS)})")
+    if model_type in MODEL_BUILDERS:
+        sam = MODEL_BUILDERS[model_type]()
+    elif arch is not None:
+        sam = build_sam_custom(**arch)
+    else:
+        raise SemiSAMError(f"unknown model_type {model_type!r}; known: {sorted(MODEL_BUILDERS)}")
+    try:
+        sam.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][:2]
+        raise SemiSAMError(f"checkpoint {path} does not fit model_type {model_type!r} (wrong architecture): "
+                           f"{' '.join(first)[:300]}")
+    return sam.to(device).eval(), model_type, file_sha1(path)
+
+
+def save_sam_checkpoint(sam: nn.Module, path: str | os.PathLike, model_type: str,
+                        arch: dict | None = None, extra: dict | None = None) -> None:
+    """Save `sam` in this package's self-describing format (atomic write). `arch` = `build_sam_custom` kwargs."""
+    from nnunet_semisam.io import atomic_path
+
+    obj = {"format": CHECKPOINT_FORMAT, "model_type": model_type,
+           "arch": None if arch is None else {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()},
+           "state_dict": {k: v.detach().cpu().contiguous() for k, v in sam.state_dict().items()}}
+    obj.update(extra or {})
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def embedded_teacher_checkpoint() -> str:
+    """Installed path of the embedded stand-in teacher (`semisam_tiny`, trained on synthetic data; see README)."""
+    path = Path(__file__).resolve().parent.parent / "assets" / "semisam_tiny_teacher.pth"
+    if not path.is_file():
+        raise SemiSAMError(f"embedded teacher checkpoint missing: {path} (reinstall the package, or train it with "
+                           "`python -m nnunet_semisam.teachers.train_embedded`)")
+    return str(path)
