@@ -78,7 +78,7 @@ class SynthParams:
     spacing: voxel spacing in mm, (Z,) Y, X; None = kind default (1, 1) or (1.5, 1, 1).
     """
 
-    contrast: float = 0.16
+    contrast: float = 0.25
     noise: float = 0.04
     texture: float = 0.06
     bias: float = 0.25
