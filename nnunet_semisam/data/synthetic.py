@@ -52,7 +52,8 @@ FILE_ENDINGS = {"2d-rgb": ".png", "2d-mri": ".nii.gz", "3d": ".nii.gz"}
 
 # MRI tissue intensities (white matter, grey matter, CSF) and lesion sign per modality; a lesion with polarity +1
 # multiplies the tissue by (1 + sign * strength): hyperintense in FLAIR and T2, hypointense in T1.
-_MRI_TISSUE = {"FLAIR": (0.55, 0.66, 0.12), "T1": (0.80, 0.60, 0.20), "T2": (0.45, 0.60, 0.95), "MRI": (0.55, 0.66, 0.12)}
+_MRI_TISSUE = {"FLAIR": (0.55, 0.66, 0.12), "T1": (0.80, 0.60, 0.20), "T2": (0.45, 0.60, 0.95),
+               "MRI": (0.55, 0.66, 0.12)}
 _MRI_LESION_SIGN = {"FLAIR": 1.0, "T1": -0.7, "T2": 0.8, "MRI": 1.0}
 # relative darkening of R, G, B inside a (dark) skin lesion: blue and green drop more, so lesions look brown
 _RGB_LESION_TINT = np.array([1.0, 1.25, 1.45])
@@ -189,6 +190,10 @@ def _draw_lesion(rng: np.random.Generator, shape: Sequence[int], spacing: Sequen
         else:
             field = 0.7 * d + 0.45 * _smooth_noise(rng, shape, 0.2 * radius_mm, spacing) + 0.3
         mask = field < 1.0
+        comp, n = ndimage.label(mask)
+        if n > 1:  # one lesion body: keep the largest piece (specks of noise are not lesions)
+            mask = comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1)
+        mask = ndimage.binary_fill_holes(mask)
     idx = tuple(int(np.clip(round(c), 0, n - 1)) for c, n in zip(center, shape))
     mask[idx] = True  # a lesion always contains its centre voxel
     return mask
@@ -224,7 +229,7 @@ def _sample_lesions(rng: np.random.Generator, shape: Sequence[int], spacing: Seq
             continue
         c = p.contrast * rng.uniform(0.6, 1.4) * (1.4 if tiny else 1.0)
         blur = p.edge_blur * (0.5 if tiny else 1.0)
-        soft = ndimage.gaussian_filter(m.astype(np.float64), [blur / 1.0] * len(shape)) if blur > 0 else m * 1.0
+        soft = ndimage.gaussian_filter(m.astype(np.float64), [blur] * len(shape)) if blur > 0 else m * 1.0
         strength = np.maximum(strength, c * np.maximum(soft, 0.6 * m))
         label |= m
     return label.astype(np.uint8), strength
@@ -234,7 +239,8 @@ def _sample_lesions(rng: np.random.Generator, shape: Sequence[int], spacing: Seq
 # renderers
 
 
-def _render_rgb(rng: np.random.Generator, shape: Sequence[int], p: SynthParams, polarity: int) -> tuple[np.ndarray, np.ndarray]:
+def _render_rgb(rng: np.random.Generator, shape: Sequence[int], p: SynthParams,
+                polarity: int) -> tuple[np.ndarray, np.ndarray]:
     """Dermoscopy-like uint8 image (3, Y, X) and its lesion label (Y, X)."""
     spacing = p.spacing or DEFAULT_SPACINGS["2d-rgb"]
     allowed = np.ones(tuple(shape), dtype=bool)
@@ -331,7 +337,8 @@ def _render_mri(rng: np.random.Generator, shape: Sequence[int], p: SynthParams, 
         tis = tis * brain_soft
         tis = tis * (1.0 + p.bias * 0.5 * _bias_field(rng, shape))
         sigma = p.noise * wm
-        noisy = np.sqrt((tis + sigma * rng.standard_normal(tis.shape)) ** 2 + (sigma * rng.standard_normal(tis.shape)) ** 2)
+        n_re, n_im = sigma * rng.standard_normal(tis.shape), sigma * rng.standard_normal(tis.shape)
+        noisy = np.sqrt((tis + n_re) ** 2 + n_im ** 2)  # Rician magnitude noise
         img[ch] = noisy * rng.uniform(400.0, 1200.0)  # arbitrary scanner units per modality and case
     return img.astype(np.float32), label
 
@@ -386,7 +393,7 @@ def _write_nifti(path: Path, arr: np.ndarray, spacing_zyx: Sequence[float]) -> N
 
 
 def _generate_and_write(job: tuple) -> int:
-    """Worker: generate case `index` and write its image file(s) (and label if `label_dir`); returns the lesion count."""
+    """Worker: generate case `index`, write its image file(s) (and label if `label_dir`); return its lesion count."""
     index, seed, kind, shape, params, image_dir, label_dir = job
     rng = np.random.default_rng(_case_seed(seed, index))
     image, label = synth_case(rng, kind, shape, params)
