@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="local teacher checkpoint (medsam_vit_b.pth, a MedSAM2 .pt); default: the embedded stand-in")
     p.add_argument("--model-type", default=None, help="SAM model type (vit_b, semisam_tiny, ...); default: detected")
-    p.add_argument("--medsam2-config", default=None, help="MedSAM2/SAM2 hydra config name (medsam2 teacher)")
+    p.add_argument("--medsam2-config", default=None,
+                   help="SAM2 config name or yaml file (MedSAM2's sam2.1_hiera_t512.yaml); default SAM2.1 Hiera-T")
+    p.add_argument("--medsam2-image-size", type=int, default=512, help="MedSAM2 slice size S (default 512)")
     p.add_argument("--prompts", choices=("gt-boxes", "student", "file"), required=True,
                    help="gt-boxes: boxes of the labels (labeled cases); student: boxes/masks of a trained nnU-Net "
                         "model's prediction; file: --prompt-file")
@@ -147,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
     if args.prompts == "student" and not args.student_model:
         raise SemiSAMError("--prompts student needs --student-model MODEL_FOLDER (trained nnU-Net output folder)")
     which = args.cases or ("labeled" if args.prompts == "gt-boxes" else "unlabeled")
+    if args.teacher == "medsam2" and not args.checkpoint:
+        raise SemiSAMError("--teacher medsam2 needs --checkpoint (a local MedSAM2 .pt; there is no embedded MedSAM2)")
     if args.prompts == "gt-boxes" and which != "labeled":
         raise SemiSAMError("--prompts gt-boxes uses the labels, which unlabeled cases do not have: use --cases labeled")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -199,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         from nnunet_semisam.teachers.medsam2 import MedSAM2Teacher
 
-        teacher = MedSAM2Teacher.from_checkpoint(ckpt, config=args.medsam2_config, device=device)
+        teacher = MedSAM2Teacher.from_checkpoint(ckpt, config=args.medsam2_config, device=device,
+                                                 image_size=args.medsam2_image_size)
         model_type, sha1 = teacher.config_name, teacher.checkpoint_sha1
     if args.prompts == "student":
         mask_fn = _student_mask_fn(args.student_model, args.f, args.chk, device)
@@ -208,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         teacher=args.teacher, checkpoint_sha1=sha1, model_type=model_type or "", prompt_source=args.prompts,
         aug=args.aug, var_threshold=args.var_threshold, box_min_area=args.box_min_area, max_boxes=args.max_boxes,
         mask_prompt=args.mask_prompt, teacher_channel=args.teacher_channel, seed=args.seed,
+        medsam2_image_size=args.medsam2_image_size if args.teacher == "medsam2" else 0,
         extra={"prompt_file": str(args.prompt_file) if args.prompt_file else None,
                "student_model": args.student_model, "fold": args.f if args.student_model else None})
     run_info = {"dataset": pp.name, "configuration": args.c, "plans_identifier": args.p,

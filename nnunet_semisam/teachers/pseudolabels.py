@@ -46,6 +46,7 @@ class PseudoLabelParams:
     mask_prompt: str = "box"                # how Algorithm 2's mask prompt reaches a 2D MedSAM (see MedSAMSliceTeacher)
     teacher_channel: int = 0
     seed: int = 0
+    medsam2_image_size: int = 0             # S of the MedSAM2 teacher (0 for MedSAM)
     extra: dict = field(default_factory=dict)
 
     def sha1(self) -> str:

@@ -30,8 +30,10 @@ CHECKPOINT_FORMAT = "nnunet_semisam.sam/1"
 TAP_BLOCKS = {"vit_b": (2, 5, 8, 11), "vit_l": (5, 11, 17, 23), "vit_h": (7, 15, 23, 31), "semisam_tiny": (0, 1, 2, 3)}
 
 # architecture of the embedded stand-in teacher (kept small enough to train on 2 CPU cores, see train_embedded.py)
-# (all blocks use 14x14 window attention: a global block over 4096 tokens would cost more than the rest together)
-TINY_ARCH = dict(encoder_embed_dim=48, encoder_depth=4, encoder_num_heads=2, encoder_global_attn_indexes=(),
+# (all blocks use 14x14 window attention: a global block over 4096 tokens would cost more than the rest together;
+# on a CPU the 4096-token sequences make even this width memory-bound, see train_embedded.py)
+# prompt width 64 (32 random Fourier frequencies): at 32 the box corners are localised too coarsely to learn fast
+TINY_ARCH = dict(encoder_embed_dim=24, encoder_depth=4, encoder_num_heads=1, encoder_global_attn_indexes=(),
                  prompt_embed_dim=64, decoder_mlp_dim=256, decoder_num_heads=2, iou_head_hidden_dim=64)
 
 

@@ -31,8 +31,8 @@ def small_sam(seed: int = 0):
 
 
 @torch.no_grad()
-def official_medsam(sam, img_np: np.ndarray, box_np: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`MedSAM_Inference.py`, one image and one box: returns (prob (H, W) float32, mask uint8)."""
+def official_embed(sam, img_np: np.ndarray) -> tuple[torch.Tensor, int, int]:
+    """`MedSAM_Inference.py` main body up to `image_embedding` (METHODS.md §2.2 steps 1-5)."""
     if len(img_np.shape) == 2:
         img_3c = np.repeat(img_np[:, :, None], 3, axis=-1)
     else:
@@ -41,13 +41,18 @@ def official_medsam(sam, img_np: np.ndarray, box_np: np.ndarray) -> tuple[np.nda
     img_1024 = transform.resize(img_3c, (1024, 1024), order=3, preserve_range=True, anti_aliasing=True).astype(np.uint8)
     img_1024 = (img_1024 - img_1024.min()) / np.clip(img_1024.max() - img_1024.min(), a_min=1e-8, a_max=None)
     img_1024_tensor = torch.tensor(img_1024).float().permute(2, 0, 1).unsqueeze(0)
+    return sam.image_encoder(img_1024_tensor), H, W
+
+
+@torch.no_grad()
+def official_medsam_inference(sam, img_embed, box_np: np.ndarray, H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
+    """`box_1024` scaling + `medsam_inference` of `MedSAM_Inference.py` (steps 6-9), one box; returns (prob, mask)."""
     box_1024 = box_np / np.array([W, H, W, H]) * 1024
-    image_embedding = sam.image_encoder(img_1024_tensor)
     box_torch = torch.as_tensor(box_1024, dtype=torch.float)
     if len(box_torch.shape) == 2:
         box_torch = box_torch[:, None, :]
     sparse, dense = sam.prompt_encoder(points=None, boxes=box_torch, masks=None)
-    low_res_logits, _ = sam.mask_decoder(image_embeddings=image_embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
+    low_res_logits, _ = sam.mask_decoder(image_embeddings=img_embed, image_pe=sam.prompt_encoder.get_dense_pe(),
                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                          multimask_output=False)
     low_res_pred = torch.sigmoid(low_res_logits)
@@ -79,8 +84,10 @@ def test_bit_identical_to_official_pipeline(sam, rgb):
     boxes = np.array([[18, 8, 44, 33], [0, 0, 69, 49]])
     prob = teacher.segment(emb, boxes, img.shape[:2]).numpy()
     assert prob.shape == (2, 50, 70) and prob.dtype == np.float32
+    ref_emb, H, W = official_embed(sam, img)
+    assert torch.equal(emb, ref_emb)
     for i, box in enumerate(boxes):
-        ref_prob, ref_mask = official_medsam(sam, img, box[None])
+        ref_prob, ref_mask = official_medsam_inference(sam, ref_emb, box[None], H, W)
         np.testing.assert_array_equal(prob[i], ref_prob)                 # bitwise (stricter than 1e-5)
         np.testing.assert_array_equal((prob[i] > 0.5).astype(np.uint8), ref_mask)
     assert prob.std() > 1e-4  # the comparison is not between constants

@@ -174,3 +174,36 @@ def test_bad_inputs_fail_before_writing(dataset, tmp_path):
     r = _cli(dataset, "--prompts", "gt-boxes", "--num-parts", "2", "--part-id", "2", "-o", str(out), check=False)
     assert r.returncode == 2 and "part" in r.stderr
     assert not out.exists()
+
+
+def test_medsam2_teacher_through_the_cli(dataset):
+    pytest.importorskip("sam2", reason="optional extra nnunet-semisam[medsam2]")
+    import yaml
+    from omegaconf import OmegaConf
+
+    import sam2
+    from nnunet_semisam.teachers.medsam2 import MedSAM2Teacher
+
+    from test_medsam2 import TINY  # noqa: E402 - the tiny SAM2.1 overrides
+
+    cfg = OmegaConf.load(Path(sam2.__file__).parent / "configs/sam2.1/sam2.1_hiera_t.yaml")
+    for o in TINY:
+        k, v = o.lstrip("+").split("=", 1)
+        OmegaConf.update(cfg, k, yaml.safe_load(v), force_add=True)
+    cfg_file = dataset["root"] / "tiny_sam2.yaml"
+    cfg_file.write_text("# @package _global_\n" + OmegaConf.to_yaml(cfg))
+    torch.manual_seed(0)
+    t = MedSAM2Teacher.from_checkpoint(None, config=str(cfg_file), image_size=64)
+    ckpt = dataset["root"] / "tiny_sam2.pt"
+    torch.save({"model": t.predictor.state_dict()}, ckpt)
+    out = dataset["root"] / "m2"
+    env = dict(dataset["env"], TQDM_DISABLE="1")
+    run_cmd(["nnunet-semisam", "pseudolabel", "-d", str(DS), "-c", "2d", "--teacher", "medsam2", "--checkpoint",
+             str(ckpt), "--medsam2-config", str(cfg_file), "--medsam2-image-size", "64", "--device", "cpu",
+             "--quiet", "--prompts", "gt-boxes", "-o", str(out)], env)
+    res = _outputs(out)
+    assert len(res) == 3 and all(r[0].shape == (1, 1, 32, 32) for r in res.values())
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["params"]["teacher"] == "medsam2" and man["params"]["medsam2_image_size"] == 64
+    r = _cli(dataset, "--teacher", "medsam2", "--prompts", "gt-boxes", "-o", str(out), check=False)
+    assert r.returncode == 2  # --checkpoint given by _cli is a SAM1 file: wrong architecture, one-line error
