@@ -44,8 +44,9 @@ class EMATeacher(nn.Module):
         """EMA step after optimizer step `step` (0-based t_it). Returns the decay a_t used."""
         a = min(1.0 - 1.0 / (step + 1), self.alpha)
         src = unwrap(student)
-        for t, s in zip(self.model.parameters(), src.parameters()):
-            t.mul_(a).add_(s.detach(), alpha=1.0 - a)
+        teacher_params = list(self.model.parameters())
+        # theta' <- a theta' + (1 - a) theta, as one fused pass over all tensors (lerp towards the student)
+        torch._foreach_lerp_(teacher_params, [p.detach() for p in src.parameters()], 1.0 - a)
         for t, s in zip(self.model.buffers(), src.buffers()):
             t.copy_(s)
         return a
