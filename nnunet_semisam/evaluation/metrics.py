@@ -479,7 +479,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, lab
     })
     md = (f"# Segmentation metrics\n\n{len(cases)} case(s), empty_mode={empty_mode}; predictions {pred_dir}, "
           f"references {gt_dir}. Mean over cases (NaN excluded); `penalized`/`excluded` count cases with an empty "
-          f"mask (METHODS.md §9).\n\n" + mean_table(summary, label_names))
+          f"mask (METHODS.md section 9).\n\n" + mean_table(summary, label_names))
     atomic_write_json(files["json"], result)
     atomic_write_text(files["csv"], _csv_text(cases, fixed_labels))
     atomic_write_text(files["md"], md)
