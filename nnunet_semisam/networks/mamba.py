@@ -185,38 +185,44 @@ def _steps_first(t: torch.Tensor, chunk_size: int) -> torch.Tensor:
 
 
 def _bc_steps_first(M: torch.Tensor, dim: int, chunk_size: int) -> torch.Tensor:
-    """B or C (d, N) | (b, N, L) | (b, G, N, L) as a tensor broadcastable to (T, b, d, n_chunks, N)."""
+    """B or C (d, N) | (b, N, L) | (b, G, N, L) as a tensor broadcastable to (T, b, d, N, n_chunks)."""
     M = M.float()
     if M.dim() == 2:
-        return M[None, None, :, None, :]
+        return M[None, None, :, :, None]
     if M.dim() == 3:
-        return _steps_first(M, chunk_size).transpose(-1, -2).unsqueeze(2).contiguous()
+        return _steps_first(M, chunk_size).unsqueeze(2)
     if M.dim() == 4:
         if dim % M.shape[1]:
             raise ValueError(f"grouped B/C with {M.shape[1]} groups does not divide d = {dim}")
         b, g, n, L = M.shape
         M = _steps_first(M.reshape(b, g * n, L), chunk_size).reshape(chunk_size, b, g, n, -1)
-        return M.transpose(-1, -2).repeat_interleave(dim // g, dim=2)
+        return M.repeat_interleave(dim // g, dim=2)
     raise ValueError(f"B/C must have 2, 3 or 4 dims (d N | b N L | b G N L), got shape {tuple(M.shape)}")
+
+
+def _auto_chunk_size(L: int) -> int:
+    """About sqrt(L), a power of two in [8, 64]: few Python steps, slabs that stay in cache."""
+    return int(min(64, max(8, 2 ** round(math.log2(max(L, 1)) / 2))))
 
 
 def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                            D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                            delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
-                           return_last_state: bool = False, chunk_size: int = 32):
+                           return_last_state: bool = False, chunk_size: Optional[int] = None):
     """Selective scan as a blockwise parallel scan in pure PyTorch (METHODS.md §3.1, backend (c)).
 
     Same signature, shapes, float32 computation and result as `selective_scan_sequential` / mamba_ssm's
     `selective_scan_ref` (u, delta, z (b, d, L); A (d, N); B, C (d, N) | (b, N, L) | (b, G, N, L); D, delta_bias
     (d,); out (b, d, L), last state (b, d, N)). Autograd flows to every input.
 
-    The sequence is cut into chunks of `chunk_size` tokens, laid out step-major so that step t of all chunks is one
-    contiguous (b, d, n_chunks, N) slab. Pass 1 runs the recurrence from a zero state inside every chunk at once
-    (`chunk_size` vectorised steps) and keeps only the chunk-end states; the chunk decay is `exp(A * sum(delta))`.
-    The states entering each chunk follow the same recurrence over chunks (`_linear_recurrence`, recursive). Pass 2
-    re-runs the steps from those states and reads `y_t = C_t . s_t` on the fly, so the (b, d, L, N) states are
-    never stored (the discretised decays and inputs are, once). Decays are multiplied, never divided: long sequences
-    (L = 65,536) underflow towards 0 and cannot overflow.
+    The sequence is cut into chunks of `chunk_size` tokens (default: about sqrt(L), 8..64), laid out step-major so
+    that step t of all chunks is one contiguous (b, d, N, n_chunks) slab. Pass 1 runs the recurrence from a zero
+    state inside every chunk at once (`chunk_size` vectorised steps) and keeps only the chunk-end states; the chunk
+    decay is `exp(A * sum(delta))`. The states entering each chunk follow the same recurrence over chunks
+    (`_linear_recurrence`, recursive). Pass 2 re-runs the steps from those states and reads `y_t = C_t . s_t` on the
+    fly, so the (b, d, L, N) states are never stored. Without autograd the steps work in place on three slab
+    buffers. Decays are multiplied, never divided: long sequences (L = 65,536) underflow towards 0 and cannot
+    overflow.
     """
     if A.is_complex():
         raise NotImplementedError("complex A (S4D-Lin) is not supported by the pure-PyTorch scan; use a real A")
@@ -229,33 +235,70 @@ def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor
         delta = F.softplus(delta)
     b, d, L = u.shape
     N = A.shape[1]
-    T = max(1, min(chunk_size, L))
-    A2 = (A.float() * _LOG2_E)[None, :, None, :]  # exp(delta A) = exp2(delta A log2(e)); exp2 is ~5x faster on CPU
-    delta_s = _steps_first(delta, T)  # (T, b, d, nc)
-    du_s = _steps_first(delta * u, T)
-    B_s = _bc_steps_first(B, d, T)  # broadcastable to (T, b, d, nc, N)
+    T = max(1, min(chunk_size or _auto_chunk_size(L), L))
+    A2 = (A.float() * _LOG2_E)[None, :, :, None]  # exp(delta A) = exp2(delta A log2(e)); exp2 is ~5x faster on CPU
+    delta_s = _steps_first(delta, T).unsqueeze(-2)  # (T, b, d, 1, nc)
+    du_s = _steps_first(delta * u, T).unsqueeze(-2)
+    B_s = _bc_steps_first(B, d, T)  # broadcastable to (T, b, d, N, nc)
     C_s = _bc_steps_first(C, d, T)
-    n_chunks = delta_s.shape[-1]
-
-    # pass 1: chunk-end states from a zero start; the per-step slabs are kept for pass 2
-    decays, inputs, s = [], [], None
-    for t in range(T):
-        a_t = torch.exp2(delta_s[t].unsqueeze(-1) * A2)  # exp(delta_t A), (b, d, nc, N)
-        x_t = du_s[t].unsqueeze(-1) * B_s[min(t, B_s.shape[0] - 1)]  # delta_t B_t u_t
-        s = x_t if s is None else torch.addcmul(x_t, a_t, s)
-        decays.append(a_t)
-        inputs.append(x_t)
-    chunk_decay = torch.exp2(delta_s.sum(0).unsqueeze(-1) * A2)  # (b, d, nc, N)
-    ends = _linear_recurrence(chunk_decay.reshape(b * d, n_chunks, N), s.reshape(b * d, n_chunks, N), T)
-    s = F.pad(ends[:, :-1], (0, 0, 1, 0)).reshape(b, d, n_chunks, N)  # state entering each chunk
-    # pass 2: exact states from the carried-in state, read out on the fly
-    ys = []
-    for t in range(T):
-        s = torch.addcmul(inputs[t], decays[t], s)
-        ys.append((s * C_s[min(t, C_s.shape[0] - 1)]).sum(-1))
-    y = torch.stack(ys, dim=-1).reshape(b, d, n_chunks * T)[..., :L]
+    chunk_decay = torch.exp2(delta_s.sum(0) * A2)  # (b, d, N, nc)
+    inplace = not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C)))
+    steps = _scan_steps_inplace if inplace else _scan_steps
+    y, last = steps(delta_s, du_s, A2, B_s, C_s, chunk_decay)
+    y = y.reshape(b, d, -1)[..., :L]
     out = _finish(y, u, D, z, dtype_in)
-    return (out, s[:, :, -1]) if return_last_state else out
+    return (out, last) if return_last_state else out
+
+
+def _step_inputs(delta_s, du_s, A2, B_s, t: int):
+    """(decay exp(delta_t A), input delta_t B_t u_t) of step t for all chunks, each (b, d, N, nc)."""
+    return torch.exp2(delta_s[t] * A2), du_s[t] * B_s[min(t, B_s.shape[0] - 1)]
+
+
+def _carry_in(chunk_decay: torch.Tensor, ends_local: torch.Tensor) -> torch.Tensor:
+    """State entering each chunk (b, d, N, nc) from the zero-start chunk-end states, by the recurrence over chunks."""
+    b, d, N, nc = ends_local.shape
+    ends = _linear_recurrence(chunk_decay.transpose(-1, -2).reshape(b * d, nc, N),
+                              ends_local.transpose(-1, -2).reshape(b * d, nc, N), 32)
+    return F.pad(ends[:, :-1], (0, 0, 1, 0)).reshape(b, d, nc, N).transpose(-1, -2)
+
+
+def _scan_steps(delta_s, du_s, A2, B_s, C_s, chunk_decay):
+    """Both passes with out-of-place ops (autograd). Returns y (b, d, nc, T) and the last state (b, d, N)."""
+    T = delta_s.shape[0]
+    s = None
+    for t in range(T):  # pass 1: chunk-end states from a zero start
+        a_t, x_t = _step_inputs(delta_s, du_s, A2, B_s, t)
+        s = x_t if s is None else torch.addcmul(x_t, a_t, s)
+    s = _carry_in(chunk_decay, s)
+    ys = []
+    for t in range(T):  # pass 2: exact states, read out on the fly
+        a_t, x_t = _step_inputs(delta_s, du_s, A2, B_s, t)
+        s = torch.addcmul(x_t, a_t, s)
+        ys.append((s * C_s[min(t, C_s.shape[0] - 1)]).sum(-2))
+    return torch.stack(ys, dim=-1), s[..., -1]
+
+
+def _scan_steps_inplace(delta_s, du_s, A2, B_s, C_s, chunk_decay):
+    """`_scan_steps` without autograd: the same arithmetic in place on preallocated slabs (no per-step allocation)."""
+    T, b, d, _, nc = delta_s.shape
+    shape = (b, d, A2.shape[2], nc)
+    a, x, s = delta_s.new_empty(shape), delta_s.new_empty(shape), delta_s.new_zeros(shape)
+    y = delta_s.new_empty((T, b, d, nc))
+
+    def step(t: int) -> None:
+        torch.mul(delta_s[t], A2, out=a).exp2_()
+        torch.mul(du_s[t], B_s[min(t, B_s.shape[0] - 1)], out=x)
+        torch.addcmul(x, s, a, out=s)
+
+    for t in range(T):
+        step(t)
+    s = _carry_in(chunk_decay, s).contiguous()
+    for t in range(T):
+        step(t)
+        torch.sum(torch.mul(s, C_s[min(t, C_s.shape[0] - 1)], out=x), dim=-2, out=y[t])
+    return y.permute(1, 2, 3, 0), s[..., -1]
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -363,7 +406,8 @@ class Mamba(nn.Module):
                 xz.contiguous(), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                 self.out_proj.weight, self.out_proj.bias, -torch.exp(self.A_log.float()), None, None,
                 self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-        return self.out_proj(self._mix(xz, backend).transpose(1, 2))
+        x, z = xz.chunk(2, dim=1)
+        return self.out_proj(self._mix(x, z, backend).transpose(1, 2))
 
     def forward_bidirectional(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`(M(h) + flip(M(flip(h)))) / 2` for h (B, L, D): forward and reversed scan with shared weights.
@@ -378,24 +422,23 @@ class Mamba(nn.Module):
             both = self.forward(torch.cat([hidden_states, hidden_states.flip(1)], dim=0))
             return 0.5 * (both[:b] + both[b:].flip(1))
         _announce(backend)
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
-        y = self._mix(torch.cat([xz, xz.flip(-1)], dim=0), backend)  # (2B, E, L)
+        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) views
+        y = self._mix(torch.cat([x, x.flip(-1)], dim=0), torch.cat([z, z.flip(-1)], dim=0), backend)  # (2B, E, L)
         y = 0.5 * (y[:b] + y[b:].flip(-1))
         return self.out_proj(y.transpose(1, 2))
 
-    def _mix(self, xz: torch.Tensor, backend: str) -> torch.Tensor:
-        """Steps 1-4 after in_proj: causal conv, x_proj, dt_proj, selective scan; (B, 2E, L) -> y (B, E, L)."""
-        seqlen = xz.shape[-1]
-        x, z = xz.chunk(2, dim=1)
-        x = F.silu(self.conv1d(x)[..., :seqlen])  # causal depthwise conv
+    def _mix(self, x: torch.Tensor, z: torch.Tensor, backend: str) -> torch.Tensor:
+        """Steps 2-4 after in_proj: causal conv, x_proj, dt_proj, selective scan; x, z (B, E, L) -> y (B, E, L)."""
+        seqlen = x.shape[-1]
+        x = F.silu(self.conv1d(x.contiguous())[..., :seqlen])  # causal depthwise conv (10x slower on views)
         x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, r + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, E, L); bias added inside the scan
-        B = B.transpose(1, 2).contiguous()  # (B, N, L)
-        C = C.transpose(1, 2).contiguous()
+        B = B.transpose(1, 2)  # (B, N, L)
+        C = C.transpose(1, 2)
         args = (x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z, self.dt_proj.bias.float(), True)
         if backend == "mamba_ssm-scan":
-            return _mamba_ssm_ops().selective_scan_fn(*args)
+            return _mamba_ssm_ops().selective_scan_fn(*args[:3], B.contiguous(), C.contiguous(), *args[5:])
         if self.checkpoint_scan and torch.is_grad_enabled():
             return checkpoint(selective_scan_chunked, *args, use_reentrant=False)
         return selective_scan_chunked(*args)

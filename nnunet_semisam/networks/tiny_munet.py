@@ -203,7 +203,9 @@ class UpBlock(nn.Module):
     """`Up(a -> b, fuse)` of METHODS.md §3.3: interpolate to the skip's size, 1x1 conv + norm, add skip, fuse.
 
     fuse 'sep': depthwise conv -> norm -> nonlin -> CBA(1x1); fuse 'full': CBA(k). The interpolation is bilinear in
-    2D and trilinear in 3D (align_corners=False).
+    2D and trilinear in 3D (align_corners=False). The 1x1 conv (linear over channels) commutes with the
+    interpolation (linear over space), so it runs first, at the low resolution: the same function for a quarter
+    (an eighth in 3D) of the projection's MACs; the norm follows the interpolation as in METHODS.md.
     """
 
     def __init__(self, conv_op, in_channels: int, out_channels: int, fuse: str, kernel_size: Sequence[int],
@@ -226,12 +228,14 @@ class UpBlock(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=skip.shape[2:], mode=self.mode, align_corners=False)
-        return self.fuse(self.proj(x) + skip)
+        x = F.interpolate(self.proj[0](x), size=skip.shape[2:], mode=self.mode, align_corners=False)
+        for i in range(1, len(self.proj)):  # the norm
+            x = self.proj[i](x)
+        return self.fuse(x + skip)
 
     def compute_conv_feature_map_size(self, skip_size: Sequence[int]) -> np.int64:
-        # interpolated input, projection, sum, fuse block(s)
-        total = _numel(self.in_channels, skip_size) + 2 * _numel(self.out_channels, skip_size)
+        # interpolated projection, its norm, the sum, fuse block(s)
+        total = 3 * _numel(self.out_channels, skip_size)
         return total + sum(b.compute_conv_feature_map_size(skip_size) for b in self.fuse)
 
 
@@ -362,7 +366,13 @@ class TinyMUNet(nn.Module):
 
 
 def paper_tiny_munet(input_channels: int = 3, num_classes: int = 2, deep_supervision: bool = False) -> TinyMUNet:
-    """The METHODS.md §3.3 configuration (2D, 256x256 inputs): 1.30 M parameters, about 3.9 G conv/linear MACs."""
+    """The METHODS.md §3.3 configuration (2D, 256x256 inputs).
+
+    1,297,578 parameters (METHODS.md's 1,296,866 plus the four deep-supervision heads); at 1x3x256x256 about 3.39 G
+    conv/linear MACs + 0.16 G selective-scan MACs (`nnunet_semisam.networks.complexity`). METHODS.md's 3.86 G assumes
+    two full Mamba passes per layer and the 1x1 decoder projections at the upsampled size; here the bidirectional
+    layer shares in_proj/out_proj and the projections run before the (commuting) upsampling: same function.
+    """
     net = TinyMUNet(input_channels, num_classes, deep_supervision=deep_supervision, **PAPER_ARCH_KWARGS)
     net.apply(TinyMUNet.initialize)
     return net
