@@ -62,6 +62,11 @@ def test_chunked_matches_sequential_values_and_gradients(bc, use_D, use_z, use_b
     out, last = selective_scan_chunked(**x, delta_softplus=softplus, return_last_state=True, chunk_size=chunk)
     _close(out, ref)
     _close(last, ref_last)
+    with torch.no_grad():  # the in-place path used for inference
+        out_ng, last_ng = selective_scan_chunked(**x, delta_softplus=softplus, return_last_state=True,
+                                                 chunk_size=chunk)
+    _close(out_ng, ref)
+    _close(last_ng, ref_last)
     grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
     g_ref = torch.autograd.grad((ref * grad_out).sum(), list(leaves.values()))
     g_out = torch.autograd.grad((out * grad_out).sum(), list(leaves.values()))
