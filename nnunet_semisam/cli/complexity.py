@@ -79,7 +79,7 @@ def _network_from_plans(dataset: str, configuration: str, plans_identifier: str)
 
     try:
         name = maybe_convert_to_dataset_name(int(dataset) if dataset.isdigit() else dataset)
-    except RuntimeError as e:
+    except RuntimeError:
         raise SemiSAMError(f"dataset {dataset} not found under nnUNet_raw / nnUNet_preprocessed; check that "
                            f"the dataset exists and these environment variables are set") from None
     folder = os.path.join(nnUNet_preprocessed or "", name)

@@ -5,10 +5,10 @@ with Selective State Spaces" (2023), Algorithm 2.
 
 Three scan implementations with the signature of mamba_ssm's `selective_scan_ref`:
 - `selective_scan_sequential`: the reference recurrence, one Python step per token (tests and benchmarks only).
-- `selective_scan_chunked`: the same recurrence as a blockwise parallel scan (sequential inside chunks of
-  `chunk_size` tokens, vectorised over all chunks, then the same scan applied recursively to the per-chunk carries),
-  so the number of Python steps is about `chunk_size * log_chunk_size(L)` instead of `L`. Decays are multiplied,
-  never divided, so long sequences underflow to 0 instead of overflowing.
+- `selective_scan_chunked`: the same recurrence as a blockwise parallel scan (step by step inside chunks of about
+  sqrt(L) tokens, vectorised over all chunks; the per-chunk carries by the same scheme, recursively), so the number
+  of Python steps is about 2 sqrt(L) instead of L. Decays are multiplied, never divided, so long sequences
+  underflow to 0 instead of overflowing.
 - `selective_scan`: dispatches to mamba_ssm's fused CUDA kernel when `mamba_ssm` imports and `u` is on CUDA, else to
   `selective_scan_chunked`.
 
@@ -21,7 +21,7 @@ import functools
 import math
 import sys
 from types import SimpleNamespace
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -234,7 +234,6 @@ def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor
     if delta_softplus:
         delta = F.softplus(delta)
     b, d, L = u.shape
-    N = A.shape[1]
     T = max(1, min(chunk_size or _auto_chunk_size(L), L))
     A2 = (A.float() * _LOG2_E)[None, :, :, None]  # exp(delta A) = exp2(delta A log2(e)); exp2 is ~5x faster on CPU
     delta_s = _steps_first(delta, T).unsqueeze(-2)  # (T, b, d, 1, nc)

@@ -70,7 +70,8 @@ for gb in (8, 24):
         est = p._estimate(patch, arch, 1, 2, {})
         ref = (p.UNet_reference_val_2d if len(spacing) == 2 else p.UNet_reference_val_3d) * gb / 8
         ref_bs = p.UNet_reference_val_corresp_bs_2d if len(spacing) == 2 else p.UNet_reference_val_corresp_bs_3d
-        out[f"{key}_{gb}"] = dict(patch=patch, bs=bs, strides=arch["arch_kwargs"]["strides"], fits=est / ref_bs * 2 <= ref)
+        out[f"{key}_{gb}"] = dict(patch=patch, bs=bs, strides=arch["arch_kwargs"]["strides"],
+                                  fits=est / ref_bs * 2 <= ref)
 print(json.dumps(out))
 """
 

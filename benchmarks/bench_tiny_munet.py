@@ -1,0 +1,240 @@
+"""Benchmark: chunked selective scan vs the sequential recurrence; Tiny-MUNet vs nnU-Net's 2D PlainConvUNet on CPU.
+
+Prints, measured side by side in one run (interleaved repeats, median):
+(a) `selective_scan_chunked` vs `selective_scan_sequential` (mamba_ssm's selective_scan_ref) at L = 4,096 (Tiny-MUNet's
+    F1 grid, 64x64, both directions, d_inner 128) and L = 65,536 (a 256x256 map, both directions, d_inner 64):
+    forward time and speed-up; forward + backward at L = 1,024 (the reference's backward grows as L^2: at L = 4,096
+    it takes minutes).
+(b) the paper Tiny-MUNet vs the PlainConvUNet that nnU-Net's default ExperimentPlanner plans for a synthetic 256x256
+    RGB dataset (both networks built from real plans files written in a temporary nnU-Net folder): inference
+    images/s (eval, no_grad, batch 1 and 4) and the peak memory of one inference (batch 1) / one training step
+    (batch 2), each in a fresh process: the peak of the resident set size sampled during the pass minus the RSS
+    before it (activations and workspaces; weights and libraries excluded).
+
+Usage: python benchmarks/bench_tiny_munet.py [--threads 1] [--repeats 5] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_scan(repeats: int) -> list[dict]:
+    import torch
+
+    from nnunet_semisam.networks.mamba import selective_scan_chunked, selective_scan_sequential
+
+    rows = []
+    for L, b, d, with_backward in ((1024, 2, 128, True), (4096, 2, 128, False), (65536, 2, 64, False)):
+        g = torch.Generator().manual_seed(0)
+        n = 16
+        x = dict(u=torch.randn(b, d, L, generator=g), delta=torch.randn(b, d, L, generator=g) * 0.5,
+                 A=-torch.rand(d, n, generator=g) * 4, B=torch.randn(b, n, L, generator=g),
+                 C=torch.randn(b, n, L, generator=g), D=torch.randn(d, generator=g),
+                 z=torch.randn(b, d, L, generator=g), delta_bias=torch.randn(d, generator=g) * 0.1)
+        with torch.no_grad():
+            ref = selective_scan_sequential(**x, delta_softplus=True)
+            out = selective_scan_chunked(**x, delta_softplus=True)
+            rel = ((out - ref).abs().max() / ref.abs().max()).item()
+            t_seq, t_chk = [], []
+            for _ in range(max(1, repeats if L <= 4096 else 2)):  # interleaved
+                t_seq.append(_median_time(lambda: selective_scan_sequential(**x, delta_softplus=True), 1))
+                t_chk.append(_median_time(lambda: selective_scan_chunked(**x, delta_softplus=True), 1))
+        row = dict(L=L, b=b, d_inner=d, d_state=n, seq_fwd_s=statistics.median(t_seq),
+                   chunked_fwd_s=statistics.median(t_chk), max_rel_err=rel)
+        row["speedup_fwd"] = row["seq_fwd_s"] / row["chunked_fwd_s"]
+        if with_backward:
+            leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+
+            def fwd_bwd(fn):
+                fn(**leaves, delta_softplus=True).square().sum().backward()
+
+            row["seq_fwd_bwd_s"] = _median_time(lambda: fwd_bwd(selective_scan_sequential), 1)
+            row["chunked_fwd_bwd_s"] = _median_time(lambda: fwd_bwd(selective_scan_chunked), max(1, repeats // 2))
+            row["speedup_fwd_bwd"] = row["seq_fwd_bwd_s"] / row["chunked_fwd_bwd_s"]
+        rows.append(row)
+    return rows
+
+
+def plan_networks(workdir: str) -> dict:
+    """Synthetic 256x256 RGB dataset -> fingerprint -> nnU-Net's ExperimentPlanner and TinyMUNetPlanner (2d)."""
+    for k in ("raw", "preprocessed", "results"):
+        os.makedirs(os.path.join(workdir, k), exist_ok=True)
+    os.environ.update(nnUNet_raw=os.path.join(workdir, "raw"),
+                      nnUNet_preprocessed=os.path.join(workdir, "preprocessed"),
+                      nnUNet_results=os.path.join(workdir, "results"), nnUNet_n_proc_DA="1")
+    from nnunet_semisam.data.synthetic import make_synthetic_dataset
+
+    make_synthetic_dataset(os.environ["nnUNet_raw"], 990, kind="2d-rgb", num_labeled=4, num_unlabeled=0, num_test=0,
+                           shape=(256, 256), seed=0, progress=False)
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
+                                                                      plan_experiment_dataset)
+
+    from nnunet_semisam.planners.tiny_munet import TinyMUNetPlanner
+
+    specs = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's planners print the whole plan
+        extract_fingerprint_dataset(990, num_processes=1, verbose=False, show_progress_bar=False)
+        planned = {key: plan_experiment_dataset(990, planner)[0]
+                   for key, planner in (("PlainConvUNet", ExperimentPlanner), ("TinyMUNet", TinyMUNetPlanner))}
+    for key, plans in planned.items():
+        arch = plans["configurations"]["2d"]["architecture"]
+        specs[key] = dict(cls=arch["network_class_name"], kwargs=arch["arch_kwargs"],
+                          imports=list(arch["_kw_requires_import"]), patch=plans["configurations"]["2d"]["patch_size"])
+    return specs
+
+
+def _build(spec: dict):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    return get_network_from_plans(spec["cls"], spec["kwargs"], spec["imports"], 3, 2, allow_init=True,
+                                  deep_supervision=False)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _peak_memory_child(spec: dict, mode: str, threads: int, queue) -> None:
+    import threading
+
+    import torch
+
+    try:
+        torch.set_num_threads(threads)
+        net = _build(spec)
+        x = torch.randn(1 if mode == "inference" else 2, 3, 256, 256)
+        warm = x[:, :, :128, :128]  # load kernels / allocate workspace outside the measured pass
+        if mode == "inference":
+            net.eval()
+            torch.set_grad_enabled(False)
+            run = lambda: net(x)  # noqa: E731
+        else:
+            net.train()
+            run = lambda: net(x).square().mean().backward()  # noqa: E731
+        (net(warm).sum().backward() if mode == "train" else net(warm))
+        net.zero_grad(set_to_none=False)
+        before, peak, done = _rss_mb(), [0.0], threading.Event()
+
+        def sample() -> None:  # RSS sampled every ~0.5 ms during the measured pass only
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss_mb())
+                time.sleep(0.0005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        run()
+        done.set()
+        sampler.join()
+        queue.put(max(peak[0], _rss_mb()) - before)
+    except BaseException as e:  # report instead of leaving the parent waiting
+        queue.put(f"{type(e).__name__}: {e}")
+
+
+def peak_memory_mb(spec: dict, mode: str, threads: int) -> float:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_peak_memory_child, args=(spec, mode, threads, queue))
+    p.start()
+    value = queue.get(timeout=1800)
+    p.join()
+    if isinstance(value, str):
+        raise RuntimeError(f"peak-memory child ({mode}) failed: {value}")
+    return value
+
+
+def bench_networks(specs: dict, repeats: int, threads: int) -> dict:
+    import torch
+
+    from nnunet_semisam.networks.complexity import network_complexity
+
+    nets = {k: _build(s).eval() for k, s in specs.items()}
+    result = {}
+    for key, net in nets.items():
+        c = network_complexity(net, 3, (256, 256))
+        result[key] = dict(parameters=c["parameters"], gmacs=c["gmacs"], gmacs_scan=c["gmacs_scan"],
+                           planned_patch=specs[key]["patch"])
+    with torch.no_grad():
+        for batch in (1, 4):
+            x = torch.randn(batch, 3, 256, 256)
+            for net in nets.values():
+                net(x)  # warm-up
+            times = {k: [] for k in nets}
+            for _ in range(repeats):  # interleaved, so both see the same machine load
+                for key, net in nets.items():
+                    times[key].append(_median_time(lambda: net(x), 1))
+            for key in nets:
+                result[key][f"images_per_s_batch{batch}"] = batch / statistics.median(times[key])
+    for key, spec in specs.items():
+        result[key]["peak_mem_inference_mb"] = peak_memory_mb(spec, "inference", threads)
+        result[key]["peak_mem_train_step_b2_mb"] = peak_memory_mb(spec, "train", threads)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default: %(default)s)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--skip-scan", action="store_true", help="only part (b)")
+    parser.add_argument("--skip-networks", action="store_true", help="only part (a)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = {"threads": args.threads, "torch": torch.__version__}
+    if not args.skip_scan:
+        results["scan"] = bench_scan(args.repeats)
+        print("(a) selective scan, forward, float32, CPU")
+        for r in results["scan"]:
+            line = (f"  L={r['L']:>6} b={r['b']} d_inner={r['d_inner']} N={r['d_state']}: sequential "
+                    f"{r['seq_fwd_s'] * 1e3:9.1f} ms, chunked {r['chunked_fwd_s'] * 1e3:8.1f} ms -> "
+                    f"{r['speedup_fwd']:5.1f}x (max rel. err {r['max_rel_err']:.1e})")
+            if "speedup_fwd_bwd" in r:
+                line += (f"; fwd+bwd {r['seq_fwd_bwd_s'] * 1e3:.0f} vs {r['chunked_fwd_bwd_s'] * 1e3:.0f} ms -> "
+                         f"{r['speedup_fwd_bwd']:.1f}x")
+            print(line, flush=True)
+    if not args.skip_networks:
+        with tempfile.TemporaryDirectory(prefix="bench_tiny_munet_") as workdir:
+            specs = plan_networks(workdir)
+            nets = bench_networks(specs, args.repeats, args.threads)
+        results["networks"] = nets
+        t, p = nets["TinyMUNet"], nets["PlainConvUNet"]
+        print("(b) 256x256 RGB, 2 classes, CPU inference (eval, no_grad)")
+        for key, r in nets.items():
+            print(f"  {key:14s} {r['parameters'] / 1e6:7.2f} M params {r['gmacs']:7.2f} GMACs | "
+                  f"{r['images_per_s_batch1']:6.2f} img/s (batch 1) {r['images_per_s_batch4']:6.2f} img/s (batch 4) | "
+                  f"peak +{r['peak_mem_inference_mb']:.0f} MB inference, +{r['peak_mem_train_step_b2_mb']:.0f} MB "
+                  f"train step (b=2)")
+        print(f"  ratio TinyMUNet / PlainConvUNet: speed x{t['images_per_s_batch1'] / p['images_per_s_batch1']:.2f} "
+              f"(batch 1), x{t['images_per_s_batch4'] / p['images_per_s_batch4']:.2f} (batch 4); peak memory "
+              f"x{t['peak_mem_inference_mb'] / p['peak_mem_inference_mb']:.2f} (inference), "
+              f"x{t['peak_mem_train_step_b2_mb'] / p['peak_mem_train_step_b2_mb']:.2f} (train step)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
