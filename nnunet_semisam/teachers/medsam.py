@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -301,8 +301,3 @@ class MedSAMTeacher:
         with ctx:
             return self.block_features(xin, blocks)
 
-
-def iter_slices(volume: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (z, slice) over the first axis of a (Z, Y, X[, 3]) uint8 volume."""
-    for z in range(volume.shape[0]):
-        yield z, volume[z]

@@ -233,3 +233,13 @@ def test_rule_u():
     np.testing.assert_array_equal(ct, [[[0, 0, 127, 255, 255]]])
     with pytest.raises(SemiSAMError, match="CT"):
         to_uint8(hu, ["CTNormalization"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast path needs CUDA")
+def test_autocast_on_cuda_close_to_fp32(sam):
+    img = _image(True)
+    ref = MedSAMTeacher(sam, "cpu").predict(img, [[18, 8, 44, 33]])
+    for dt in (torch.bfloat16, torch.float16):
+        t = MedSAMTeacher(small_sam(), "cuda", amp_dtype=dt)
+        out = t.predict(img, [[18, 8, 44, 33]]).cpu()
+        assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.05
