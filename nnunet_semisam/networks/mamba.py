@@ -201,8 +201,8 @@ def _bc_steps_first(M: torch.Tensor, dim: int, chunk_size: int) -> torch.Tensor:
 
 
 def _auto_chunk_size(L: int) -> int:
-    """About sqrt(L), a power of two in [8, 64]: few Python steps, slabs that stay in cache."""
-    return int(min(64, max(8, 2 ** round(math.log2(max(L, 1)) / 2))))
+    """About sqrt(L), a power of two in [8, 128]: few Python steps, slabs small enough to stay in cache."""
+    return int(min(128, max(8, 2 ** round(math.log2(max(L, 1)) / 2))))
 
 
 def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -215,7 +215,7 @@ def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor
     `selective_scan_ref` (u, delta, z (b, d, L); A (d, N); B, C (d, N) | (b, N, L) | (b, G, N, L); D, delta_bias
     (d,); out (b, d, L), last state (b, d, N)). Autograd flows to every input.
 
-    The sequence is cut into chunks of `chunk_size` tokens (default: about sqrt(L), 8..64), laid out step-major so
+    The sequence is cut into chunks of `chunk_size` tokens (default: about sqrt(L), 8..128), laid out step-major so
     that step t of all chunks is one contiguous (b, d, N, n_chunks) slab. Pass 1 runs the recurrence from a zero
     state inside every chunk at once (`chunk_size` vectorised steps) and keeps only the chunk-end states; the chunk
     decay is `exp(A * sum(delta))`. The states entering each chunk follow the same recurrence over chunks
