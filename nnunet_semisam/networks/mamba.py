@@ -226,6 +226,10 @@ def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor
     """
     if A.is_complex():
         raise NotImplementedError("complex A (S4D-Lin) is not supported by the pure-PyTorch scan; use a real A")
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                            for t in (u, delta, A, B, C, D, z, delta_bias))):
+        return _scan_blocked_nograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                    chunk_size)
     dtype_in = u.dtype
     u = u.float()
     delta = delta.float()
@@ -241,10 +245,7 @@ def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor
     B_s = _bc_steps_first(B, d, T)  # broadcastable to (T, b, d, N, nc)
     C_s = _bc_steps_first(C, d, T)
     chunk_decay = torch.exp2(delta_s.sum(0) * A2)  # (b, d, N, nc)
-    inplace = not (torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C)))
-    steps = _scan_steps_inplace if inplace else _scan_steps
-    y, last = steps(delta_s, du_s, A2, B_s, C_s, chunk_decay)
+    y, last = _scan_steps(delta_s, du_s, A2, B_s, C_s, chunk_decay)
     y = y.reshape(b, d, -1)[..., :L]
     out = _finish(y, u, D, z, dtype_in)
     return (out, last) if return_last_state else out
@@ -279,25 +280,119 @@ def _scan_steps(delta_s, du_s, A2, B_s, C_s, chunk_decay):
     return torch.stack(ys, dim=-1), s[..., -1]
 
 
-def _scan_steps_inplace(delta_s, du_s, A2, B_s, C_s, chunk_decay):
-    """`_scan_steps` without autograd: the same arithmetic in place on preallocated slabs (no per-step allocation)."""
-    T, b, d, _, nc = delta_s.shape
-    shape = (b, d, A2.shape[2], nc)
-    a, x, s = delta_s.new_empty(shape), delta_s.new_empty(shape), delta_s.new_zeros(shape)
-    y = delta_s.new_empty((T, b, d, nc))
+# Without autograd the scan runs in place on a few preallocated slabs. Every op of the step loops costs a few us of
+# Python/dispatch overhead, and on CPU each elementwise pass is bound by the cache level its operands live in, so
+# the work is cut into blocks whose slabs stay in L2 (about _SLAB_ELEMENTS floats) with whole-block temporaries of
+# at most _BLOCK_ELEMENTS floats (large temporaries are also page-faulted afresh on every allocation).
+_SLAB_ELEMENTS = 1 << 16
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def _nograd_chunk_size(L: int, rows: int, d_state: int) -> int:
+    """Chunk length for the no-grad scans: about sqrt(L) (8..128), longer while the per-step slab exceeds L2."""
+    T = _auto_chunk_size(L)
+    while T < 512 and T < L and rows * d_state * (-(-L // T)) > 4 * _SLAB_ELEMENTS:
+        T *= 2
+    return max(1, min(T, L))
+
+
+def _scan_blocked_nograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size):
+    """`selective_scan_chunked` without autograd: the same two passes, in place, one block of channels at a time.
+
+    The scan is independent per channel d, so channels are processed in blocks of `db` such that a block's
+    (b, db, L) temporaries hold at most _BLOCK_ELEMENTS floats; inside a block the recurrence runs step-major as in
+    `_scan_steps` on three (b, db, N, n_chunks) slabs, y being written straight into a (b, db, n_chunks, T) buffer.
+    """
+    b, d, L = u.shape
+    N = A.shape[1]
+    T = chunk_size or _nograd_chunk_size(L, b * min(d, max(1, _BLOCK_ELEMENTS // (b * L))), N)
+    T = max(1, min(T, L))
+    nc = -(-L // T)
+    db = max(1, min(d, _BLOCK_ELEMENTS // (b * nc * T)))
+    A2 = A.float() * _LOG2_E
+    B_s, C_s = (_bc_steps_first(M, d, T) for M in (B, C))  # broadcastable to (T, b, d, N, nc)
+    out = torch.empty((b, d, L), dtype=u.dtype, device=u.device)
+    last = u.new_empty((b, d, N), dtype=torch.float32) if return_last_state else None
+    bufs = None
+    for d0 in range(0, d, db):
+        d1 = min(d, d0 + db)
+        dl = delta[:, d0:d1].float()
+        if delta_bias is not None:
+            dl = dl + delta_bias[d0:d1, None].float()
+        if delta_softplus:
+            dl = F.softplus(dl)
+        ub = u[:, d0:d1].float()
+        delta_s = _steps_first(dl, T).unsqueeze(-2)  # (T, b, n, 1, nc)
+        du_s = _steps_first(dl * ub, T).unsqueeze(-2)
+        A2b = A2[d0:d1, :, None]
+        Bb = B_s if B_s.shape[2] == 1 else B_s[:, :, d0:d1]
+        Cb = C_s if C_s.shape[2] == 1 else C_s[:, :, d0:d1]
+        shape = (b, d1 - d0, N, nc)
+        if bufs is None or bufs[0].shape != shape:
+            bufs = [dl.new_empty(shape) for _ in range(3)] + [dl.new_empty((b, d1 - d0, nc, T))]
+        a, x, st, y = bufs
+        st.zero_()
+
+        def step(t: int) -> None:
+            torch.mul(delta_s[t], A2b, out=a).exp2_()
+            torch.mul(du_s[t], Bb[min(t, Bb.shape[0] - 1)], out=x)
+            torch.addcmul(x, st, a, out=st)
+
+        for t in range(T):  # pass 1: chunk-end states from a zero start
+            step(t)
+        st.copy_(_carry_in(torch.exp2(delta_s.sum(0) * A2b), st))
+        for t in range(T):  # pass 2: exact states, read out on the fly
+            step(t)
+            torch.sum(torch.mul(st, Cb[min(t, Cb.shape[0] - 1)], out=x), dim=-2, out=y[..., t])
+        if last is not None:
+            last[:, d0:d1] = st[..., -1]
+        yb = y.reshape(b, d1 - d0, nc * T)[..., :L]
+        if D is not None:
+            yb = torch.addcmul(yb, ub, D[d0:d1, None].float())
+        if z is not None:
+            yb = yb * F.silu(z[:, d0:d1].float())
+        out[:, d0:d1] = yb
+    return (out, last) if return_last_state else out
+
+
+def _scan_tokens_nograd(delta: torch.Tensor, du: torch.Tensor, A2: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                        chunk_size: Optional[int] = None) -> torch.Tensor:
+    """y = C . s of the selective scan in token-major layout, without autograd (used by `Mamba` for inference).
+
+    delta (already biased and softplus'd), du = delta * u: (b, L, d); A2 = A^T * log2(e): (N, d); B, C: (b, L, N)
+    (any strides). Returns y (b, L, d) without the D and z terms. The same two chunked passes as
+    `selective_scan_chunked`, with (b, n_chunks, N, d) slabs: step t of every chunk is a strided view of the
+    token-major inputs, so nothing is transposed, and d is the contiguous (vectorised) axis.
+    """
+    b, L, d = delta.shape
+    N = A2.shape[0]
+    T = chunk_size or _nograd_chunk_size(L, b * d, N)
+    nc = -(-L // T)
+    pad = nc * T - L
+    if pad:  # identity steps: decay 1, input 0
+        delta, du = F.pad(delta, (0, 0, 0, pad)), F.pad(du, (0, 0, 0, pad))
+        B, C = F.pad(B, (0, 0, 0, pad)), F.pad(C, (0, 0, 0, pad))
+    dl, dus = delta.reshape(b, nc, T, d), du.reshape(b, nc, T, d)
+    Bs, Cs = B.reshape(b, nc, T, N), C.reshape(b, nc, T, N)
+    a, x, st = (delta.new_empty((b, nc, N, d)) for _ in range(3))
+    st.zero_()
+    y = delta.new_empty((b, nc, T, d))
 
     def step(t: int) -> None:
-        torch.mul(delta_s[t], A2, out=a).exp2_()
-        torch.mul(du_s[t], B_s[min(t, B_s.shape[0] - 1)], out=x)
-        torch.addcmul(x, s, a, out=s)
+        torch.mul(dl[:, :, t, None, :], A2, out=a).exp2_()
+        torch.mul(Bs[:, :, t, :, None], dus[:, :, t, None, :], out=x)
+        torch.addcmul(x, st, a, out=st)
 
     for t in range(T):
         step(t)
-    s = _carry_in(chunk_decay, s).contiguous()
+    decay = torch.exp2(dl.sum(2)[:, :, None, :] * A2)  # (b, nc, N, d)
+    carry = _linear_recurrence(decay.reshape(b, nc, N * d), st.reshape(b, nc, N * d), 32)
+    st[:, 1:] = carry[:, :-1].reshape(b, nc - 1, N, d)
+    st[:, 0] = 0
     for t in range(T):
         step(t)
-        torch.sum(torch.mul(s, C_s[min(t, C_s.shape[0] - 1)], out=x), dim=-2, out=y[t])
-    return y.permute(1, 2, 3, 0), s[..., -1]
+        torch.sum(torch.mul(st, Cs[:, :, t, :, None], out=x), dim=-2, out=y[:, :, t])
+    return y.reshape(b, nc * T, d)[:, :L]
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -421,10 +516,45 @@ class Mamba(nn.Module):
             both = self.forward(torch.cat([hidden_states, hidden_states.flip(1)], dim=0))
             return 0.5 * (both[:b] + both[b:].flip(1))
         _announce(backend)
+        if backend == "pure" and not (torch.is_grad_enabled() and (
+                hidden_states.requires_grad or any(p.requires_grad for p in self.parameters()))):
+            return self._bidirectional_tokens_nograd(hidden_states)
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) views
         y = self._mix(torch.cat([x, x.flip(-1)], dim=0), torch.cat([z, z.flip(-1)], dim=0), backend)  # (2B, E, L)
         y = 0.5 * (y[:b] + y[b:].flip(-1))
         return self.out_proj(y.transpose(1, 2))
+
+    def _bidirectional_tokens_nograd(self, h: torch.Tensor) -> torch.Tensor:
+        """`forward_bidirectional` without autograd, token-major (B, L, .) from in_proj to out_proj: no transposes.
+
+        Both directions run as one batch [h; flip(h)]: causal depthwise conv as d_conv shifted multiply-adds on a
+        left-padded (2B, L + d_conv - 1, E) buffer, x_proj/dt_proj as matmuls on contiguous rows, then
+        `_scan_tokens_nograd`; same arithmetic as the autograd path up to float rounding.
+        """
+        b, L, _ = h.shape
+        E, N, r, K = self.d_inner, self.d_state, self.dt_rank, self.d_conv
+        xz = self.in_proj(h)  # (B, L, 2E)
+        xp = xz.new_zeros((2 * b, L + K - 1, E))
+        xp[:b, K - 1:] = xz[..., :E]
+        xp[b:, K - 1:] = xz[..., :E].flip(1)
+        w = self.conv1d.weight[:, 0, :].t()  # (K, E)
+        x = torch.mul(xp[:, :L], w[0])
+        for k in range(1, K):
+            x.addcmul_(xp[:, k:k + L], w[k])
+        if self.conv1d.bias is not None:
+            x.add_(self.conv1d.bias)
+        x = F.silu(x, inplace=True)  # (2B, L, E)
+        x_dbl = F.linear(x, self.x_proj.weight)  # (2B, L, r + 2N)
+        delta = F.softplus(torch.addmm(self.dt_proj.bias.float(), x_dbl[..., :r].reshape(-1, r),
+                                       self.dt_proj.weight.t()).reshape(2 * b, L, E))
+        A2 = (-torch.exp(self.A_log.float()) * _LOG2_E).t().contiguous()  # (N, E)
+        y = _scan_tokens_nograd(delta, delta * x, A2, x_dbl[..., r:r + N], x_dbl[..., r + N:])
+        y.addcmul_(x, self.D.float())
+        z = xz[..., E:]
+        y[:b].mul_(F.silu(z))
+        y[b:].mul_(F.silu(z.flip(1)))
+        y = torch.add(y[:b], y[b:].flip(1), alpha=1.0).mul_(0.5)
+        return self.out_proj(y.to(h.dtype))
 
     def _mix(self, x: torch.Tensor, z: torch.Tensor, backend: str) -> torch.Tensor:
         """Steps 2-4 after in_proj: causal conv, x_proj, dt_proj, selective scan; x, z (B, E, L) -> y (B, E, L)."""

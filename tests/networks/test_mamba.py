@@ -276,3 +276,45 @@ def test_fused_path_matches_pure_path_on_gpu():
     _close(ours(h), fused)
     _close(selective_scan_chunked(**{k: v.cuda() for k, v in _inputs(2, 8, 500, 16).items()}, delta_softplus=True),
            selective_scan(**{k: v.cuda() for k, v in _inputs(2, 8, 500, 16).items()}, delta_softplus=True))
+
+
+@pytest.mark.parametrize("bc", ["const", "var", "group"])
+def test_nograd_scan_in_channel_blocks_matches_sequential(bc, monkeypatch):
+    """The no-grad scan cut into several channel blocks (tiny block budget) and chunks, with padding."""
+    import nnunet_semisam.networks.mamba as mamba_mod
+
+    monkeypatch.setattr(mamba_mod, "_BLOCK_ELEMENTS", 2 * 37 * 3)  # -> 2 channels per block, 4 blocks
+    x = _inputs(2, 8, 37, 4, bc=bc, groups=2)
+    ref, ref_last = selective_scan_sequential(**x, delta_softplus=True, return_last_state=True)
+    with torch.no_grad():
+        for chunk in (None, 5, 16):
+            out, last = selective_scan_chunked(**x, delta_softplus=True, return_last_state=True, chunk_size=chunk)
+            _close(out, ref, what=f"chunk {chunk}")
+            _close(last, ref_last, what=f"last state, chunk {chunk}")
+
+
+@pytest.mark.parametrize("L", [1, 7, 50, 300])
+def test_mamba_bidirectional_nograd_token_major_matches_reference(L):
+    """Inference path of `forward_bidirectional` (token-major, shifted-add conv) vs METHODS.md §3.2 with the
+    sequential scan."""
+    torch.manual_seed(L)
+    m = Mamba(24)
+    h = torch.randn(2, L, 24)
+    ref = 0.5 * (_mamba_reference_forward(m, h) + _mamba_reference_forward(m, h.flip(1)).flip(1))
+    with torch.no_grad():
+        out = m.forward_bidirectional(h)
+    _close(out, ref)
+    with torch.no_grad():  # chunked in several chunks with padding
+        import nnunet_semisam.networks.mamba as mamba_mod
+
+        b, E, r, N = 4, m.d_inner, m.dt_rank, m.d_state
+        g = torch.Generator().manual_seed(1)
+        delta = F.softplus(torch.randn(b, L, E, generator=g))
+        u = torch.randn(b, L, E, generator=g)
+        A = -torch.exp(m.A_log.float())
+        Bm, Cm = torch.randn(b, L, N, generator=g), torch.randn(b, L, N, generator=g)
+        y = mamba_mod._scan_tokens_nograd(delta, delta * u, (A * mamba_mod._LOG2_E).t().contiguous(), Bm, Cm,
+                                          chunk_size=3)
+        y_ref = selective_scan_sequential(u.transpose(1, 2), delta.transpose(1, 2), A, Bm.transpose(1, 2),
+                                          Cm.transpose(1, 2))
+        _close(y.transpose(1, 2), y_ref)
