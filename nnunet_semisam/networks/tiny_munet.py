@@ -111,7 +111,10 @@ class ConvNormAct(nn.Sequential):
         weight = conv.weight * scale.reshape(-1, *[1] * (conv.weight.dim() - 1))
         x = conv._conv_forward(x, weight.to(x.dtype), bias.to(x.dtype))
         for layer in list(self)[2:]:
-            x = layer(x)
+            if isinstance(layer, nn.GELU) and not (torch.is_grad_enabled() and x.requires_grad):
+                x = torch.ops.aten.gelu_(x, approximate=layer.approximate)  # no fresh (page-faulted) output map
+            else:
+                x = layer(x)
         return x
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
