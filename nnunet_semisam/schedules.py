@@ -25,3 +25,40 @@ def consistency_weight(t_it: int, lambda_max: float, total_iterations: int, ramp
     `rho` (`rampup_fraction`) the part of the run the ramp spans.
     """
     return float(lambda_max) * sigmoid_rampup(t_it, rampup_fraction * total_iterations)
+
+
+def cosine_lr(step: float, initial_lr: float, max_steps: int, min_lr: float = 0.0) -> float:
+    """CosineAnnealingLR's closed form: `min_lr + (initial_lr - min_lr) (1 + cos(pi step / max_steps)) / 2`."""
+    step = min(max(float(step), 0.0), float(max_steps))
+    return float(min_lr + (initial_lr - min_lr) * (1.0 + math.cos(math.pi * step / max_steps)) / 2.0)
+
+
+def _lr_scheduler_base():
+    from torch.optim.lr_scheduler import LRScheduler
+
+    return LRScheduler
+
+
+class CosineLRScheduler(_lr_scheduler_base()):
+    """Cosine annealing per epoch with nnU-Net's scheduler interface (`step(current_epoch)`, like PolyLRScheduler).
+
+    METHODS.md §4.6: CosineAnnealingLR(T_max = total epochs, eta_min = 1e-5), stepped per epoch; every param group
+    gets the same learning rate (weight decay differs per group, the rate does not).
+    """
+
+    def __init__(self, optimizer, initial_lr: float, max_steps: int, min_lr: float = 0.0):
+        self.initial_lr, self.max_steps, self.min_lr = float(initial_lr), int(max_steps), float(min_lr)
+        self.ctr = 0
+        super().__init__(optimizer, -1)
+
+    def step(self, current_step: int | None = None) -> None:
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        lr = cosine_lr(current_step, self.initial_lr, self.max_steps, self.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_last_lr(self) -> list[float]:
+        return self._last_lr

@@ -58,6 +58,17 @@ def full_resolution(output) -> torch.Tensor:
     return output[0] if isinstance(output, (list, tuple)) else output
 
 
+def _finish_quietly(loader) -> None:
+    """Stop a background augmenter's workers (batchgenerators prints while it shuts down)."""
+    if isinstance(loader, NonDetMultiThreadedAugmenter):
+        old_stdout, sys.stdout = sys.stdout, open(os.devnull, "w")
+        try:
+            loader._finish()
+        finally:
+            sys.stdout.close()
+            sys.stdout = old_stdout
+
+
 class SemiSupervisedTrainer(nnUNetTrainer):
     """Base class: labeled + unlabeled loaders, per-term loss logging, extra checkpoint state (module docstring)."""
 
@@ -93,6 +104,12 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         dl_tr, dl_val = super().get_dataloaders()
         self.dataloader_unlabeled = self._build_unlabeled_loader(cases)
         return dl_tr, dl_val
+
+    def restart_unlabeled_loader(self) -> None:
+        """Drop the unlabeled batches already prepared by the worker processes (up to two queues of `num_cached`)
+        and start a fresh loader, so that data written since (e.g. refreshed pseudo-labels) reaches the next batch."""
+        _finish_quietly(self.dataloader_unlabeled)
+        self.dataloader_unlabeled = self._build_unlabeled_loader(list_preprocessed_unlabeled(self.unlabeled_folder))
 
     def _check_unlabeled_folder(self) -> list[str]:
         cases = list_preprocessed_unlabeled(self.unlabeled_folder)
@@ -224,13 +241,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     def on_train_end(self):
         super().on_train_end()
-        if isinstance(self.dataloader_unlabeled, NonDetMultiThreadedAugmenter):
-            old_stdout, sys.stdout = sys.stdout, open(os.devnull, "w")
-            try:
-                self.dataloader_unlabeled._finish()
-            finally:
-                sys.stdout.close()
-                sys.stdout = old_stdout
+        _finish_quietly(self.dataloader_unlabeled)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def extra_checkpoint_state(self) -> dict:
