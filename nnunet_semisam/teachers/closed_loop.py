@@ -1,0 +1,88 @@
+"""Closed-loop teacher targets of the MedSAM -> Tiny-MUNet method (METHODS.md §4.5).
+
+- Labeled cases: MedSAM on tight boxes from the ground-truth mask (§2.3 with `box_min_area = 1`), reference path
+  (§2.2), computed once at start-up and stored as float16 maps.
+- Unlabeled cases, at every refresh: the student predicts the whole image, its foreground (`argmax != 0`) gives the
+  §2.3 boxes, MedSAM re-segments from its cached image embeddings (§2.7: the image encoder runs once per case and
+  slice over the whole run), and the maps of the previous round are replaced. Images without a box are marked
+  unavailable (their KD term is skipped).
+
+Both stores use the pseudo-label format of `nnunet_semisam.teachers.pseudolabels` (atomic per-case writes, manifest),
+in `<root>/labeled` and `<root>/unlabeled`; a training run keeps them in its fold's output folder, so folds and
+trainers do not share state. The labeled targets resume case by case; a refresh interrupted midway is simply redone
+(the round number in the trainer's checkpoint is the last completed one).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from nnunet_semisam.teachers.pseudolabels import (CaseSource, PseudoLabelParams, generate_pseudolabels,
+                                                  read_record)
+
+PredictFn = Callable[[np.ndarray], np.ndarray]  # preprocessed case (C, *spatial) -> foreground mask (*spatial)
+
+
+class ClosedLoopTargets:
+    """Teacher targets for labeled (GT boxes) and unlabeled (student boxes) cases; see the module docstring.
+
+    Args:
+        teacher: a `MedSAMTeacher` (with an `EmbeddingCache` so refreshes skip the image encoder).
+        root: folder of the two stores.
+        normalization_schemes, intensity_properties: the plans configuration's, for rule U (METHODS.md §2.4).
+        teacher_channel: channel the teacher sees for non-RGB data.
+        box_min_area / max_boxes: §2.3 for student boxes (labeled GT boxes use `box_min_area = 1`, §4.5).
+    """
+
+    def __init__(self, teacher, root: str | os.PathLike, normalization_schemes: Sequence[str],
+                 intensity_properties: dict | None = None, teacher_channel: int = 0, box_min_area: int = 10,
+                 max_boxes: int = 5, progress: bool = False):
+        self.teacher = teacher
+        self.root = Path(root)
+        self.labeled_folder = self.root / "labeled"
+        self.unlabeled_folder = self.root / "unlabeled"
+        self.normalization_schemes = list(normalization_schemes)
+        self.intensity_properties = intensity_properties
+        self.teacher_channel = teacher_channel
+        self.box_min_area = box_min_area
+        self.max_boxes = max_boxes
+        self.progress = progress
+
+    def _params(self, prompt_source: str, box_min_area: int, extra: dict) -> PseudoLabelParams:
+        return PseudoLabelParams(teacher="medsam", checkpoint_sha1=self.teacher.checkpoint_sha1 or "",
+                                 model_type=self.teacher.model_type or "", prompt_source=prompt_source, aug=0,
+                                 box_min_area=box_min_area, max_boxes=self.max_boxes,
+                                 teacher_channel=self.teacher_channel, extra=extra)
+
+    def labeled_targets(self, cases: Sequence[CaseSource]) -> dict[str, str]:
+        """MedSAM from GT boxes for every labeled case not done yet (resumable); {case: done | skipped}."""
+        params = self._params("gt-boxes", 1, {"closed_loop": "labeled"})
+        return generate_pseudolabels(
+            self.teacher, cases, self.labeled_folder, params, self.normalization_schemes, self.intensity_properties,
+            mask_fn=lambda case, data, seg: seg[0] > 0, progress=self.progress,
+            run_info={"stage": "labeled GT-box targets (METHODS.md §4.5)"}, overwrite=True
+            if self._stale_manifest(self.labeled_folder, params) else False)
+
+    def refresh(self, cases: Sequence[CaseSource], predict_foreground: PredictFn, round_index: int) -> dict[str, int]:
+        """Round `round_index`: student boxes -> MedSAM for every unlabeled case, replacing the previous maps.
+
+        Returns {"cases": n, "available": number of cases with at least one box}.
+        """
+        params = self._params("student", self.box_min_area, {"closed_loop": "unlabeled", "round": int(round_index)})
+        generate_pseudolabels(
+            self.teacher, cases, self.unlabeled_folder, params, self.normalization_schemes, self.intensity_properties,
+            mask_fn=lambda case, data, seg: np.asarray(predict_foreground(data), bool), progress=self.progress,
+            run_info={"stage": f"closed-loop refresh round {round_index} (METHODS.md §4.5)"}, overwrite=True)
+        available = sum(bool((read_record(self.unlabeled_folder, c.case_id) or {}).get("available")) for c in cases)
+        return {"cases": len(cases), "available": int(available)}
+
+    @staticmethod
+    def _stale_manifest(folder: Path, params: PseudoLabelParams) -> bool:
+        """True when `folder` holds targets of other parameters (e.g. another teacher): they are all redone."""
+        import json
+
+        m = folder / "manifest.json"
+        return m.is_file() and json.loads(m.read_text()).get("params_sha1") != params.sha1()

@@ -1,0 +1,155 @@
+"""MedSAMMambaKDTrainer through the real nnU-Net commands (default and TinyMUNet plans), predict, evaluate, resume."""
+import json
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cmd, with_results
+
+TRAINER = "MedSAMMambaKDTrainer_smoke"
+TERMS = ("supervised", "kd_l", "rd_l", "fbvm_l", "kd_u", "rd_u", "fbvm_u")
+
+
+def _log(folder: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(folder.glob("training_log_*.txt")))
+
+
+def _terms(log: str) -> list[dict[str, tuple[float, float]]]:
+    """Per epoch: {term: (loss, weight)} from the 'loss terms:' lines of the training log."""
+    out = []
+    for line in re.findall(r"loss terms: (.*)", log):
+        out.append({m[0]: (float(m[1]), float(m[2])) for m in re.findall(r"(\w+) ([\w.e+-]+) \(w ([\d.e+-]+)\)", line)})
+    return out
+
+
+def _predict_and_evaluate(env: dict, tmp_path: Path, plans: str) -> dict:
+    raw = Path(env["nnUNet_raw"]) / "Dataset990_SynthRGB"
+    pred = tmp_path / f"pred_{plans}"
+    run_cmd(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", "990", "-c", "2d", "-f", "0",
+             "-tr", TRAINER, "-p", plans, "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    from PIL import Image
+    gts = sorted((raw / "labelsTs").glob("*.png"))
+    assert len(gts) == 2
+    for gt in gts:
+        p = np.asarray(Image.open(pred / gt.name))
+        assert p.shape == np.asarray(Image.open(gt)).shape and set(np.unique(p)) <= {0, 1}
+    out = run_cmd(["nnunet-semisam", "evaluate", str(pred), str(raw / "labelsTs")], env).stdout
+    assert "Dice" in out
+    return json.loads((pred / "metrics.json").read_text())
+
+
+def _check_training(fold: Path, student_line: str) -> None:
+    log = _log(fold)
+    assert student_line in log, log
+    assert "Unlabeled loader: 6 cases" in log
+    assert "labeled teacher targets from GT boxes: 4 computed" in log  # 6 labeled, 5-fold: 4 or 5 in training
+    epochs = _terms(log)
+    assert len(epochs) == 2, log
+    for ep in epochs:
+        assert set(ep) == set(TERMS), ep
+        assert ep["supervised"][1] == 1 and ep["kd_l"][1] == 1 and ep["kd_u"][1] == 0.5
+        assert ep["kd_l"][0] > 0 and ep["rd_l"][0] > 0 and ep["rd_u"][0] > 0, "KD and L_RD are active"
+        assert -1 < ep["fbvm_l"][0] < 20 and -1 < ep["fbvm_u"][0] < 20
+    assert epochs[0]["kd_u"][0] == 0, "no unlabeled pseudo-label before the first refresh"
+    m = re.search(r"pseudo-label round 1: (\d+)/6 unlabeled cases have a pseudo-label", log)
+    assert m, "refresh at epoch 1"
+    if int(m.group(1)) > 0:
+        assert epochs[1]["kd_u"][0] > 0, "refreshed pseudo-labels reach the unlabeled KD term"
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["semisam"]["pseudolabel_round"] == 1 and ckpt["semisam"]["global_step"] == 20
+    assert "projector" in ckpt["semisam"] and ckpt["semisam"]["polarity"] is not None
+    labeled = sorted((fold / "pseudolabels" / "labeled").glob("*.npz"))
+    unlabeled = sorted((fold / "pseudolabels" / "unlabeled").glob("*.npz"))
+    assert len(labeled) == 4 and len(unlabeled) == 6
+
+
+def test_default_plans_train_predict_evaluate(tiny2d, tmp_path):
+    """The design card's literal command: default nnU-Net plans, the trainer builds TinyMUNet for them."""
+    env = with_results(tiny2d, tmp_path / "results")
+    run_cmd(["nnUNetv2_train", "990", "2d", "0", "-tr", TRAINER, "-device", "cpu"], env)
+    fold = tmp_path / "results" / "Dataset990_SynthRGB" / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
+    _check_training(fold, "student: TinyMUNet in place of the planned PlainConvUNet")
+    metrics = _predict_and_evaluate(env, tmp_path, "nnUNetPlans")
+    assert metrics
+
+
+@pytest.fixture(scope="module")
+def tiny2d_tinymunet_plans(tiny2d):
+    run_cmd(["nnunet-semisam", "plan", "-d", "990", "-pl", "TinyMUNetPlanner"], tiny2d)
+    run_cmd(["nnUNetv2_preprocess", "-d", "990", "-plans_name", "nnUNetPlans_TinyMUNet", "-c", "2d", "-np", "1"],
+            tiny2d)
+    run_cmd(["nnunet-semisam", "preprocess-unlabeled", "-d", "990", "-c", "2d", "-p", "nnUNetPlans_TinyMUNet",
+             "--quiet"], tiny2d)
+    return tiny2d
+
+
+def test_tinymunet_plans_train_predict_evaluate(tiny2d_tinymunet_plans, tmp_path):
+    env = with_results(tiny2d_tinymunet_plans, tmp_path / "results")
+    run_cmd(["nnUNetv2_train", "990", "2d", "0", "-tr", TRAINER, "-p", "nnUNetPlans_TinyMUNet", "-device", "cpu"],
+            env)
+    fold = tmp_path / "results" / "Dataset990_SynthRGB" / f"{TRAINER}__nnUNetPlans_TinyMUNet__2d" / "fold_0"
+    _check_training(fold, "student: the planned TinyMUNet (nnUNetPlans_TinyMUNet)")
+    assert _predict_and_evaluate(env, tmp_path, "nnUNetPlans_TinyMUNet")
+
+
+def test_kill_and_resume_restores_projectors_round_and_optimizer(tiny2d, tmp_path, monkeypatch):
+    env = with_results(tiny2d, tmp_path / "results")
+    fold = tmp_path / "results" / "Dataset990_SynthRGB" / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
+    cmd = ["nnUNetv2_train", "990", "2d", "0", "-tr", TRAINER, "-device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = fold / "checkpoint_latest.pth"
+    deadline = time.time() + 600
+    while time.time() < deadline and not latest.exists() and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.exists() and not (fold / "checkpoint_final.pth").exists(), "killed after the epoch-0 checkpoint"
+    saved = torch.load(latest, map_location="cpu", weights_only=False)
+    assert saved["current_epoch"] == 1 and saved["semisam"]["pseudolabel_round"] == 0
+
+    # in-process: the checkpoint restores projectors, round, polarity and the optimizer (momentum of projectors too)
+    for k, v in env.items():
+        if k.startswith("nnUNet_"):
+            monkeypatch.setenv(k, v)
+    from nnunetv2.run.run_training import get_trainer_from_args
+    trainer = get_trainer_from_args("990", "2d", 0, TRAINER, device=torch.device("cpu"))
+    trainer.load_checkpoint(str(latest))
+    for k, v in saved["semisam"]["projector"].items():
+        assert torch.equal(trainer.projector.state_dict()[k], v)
+    assert trainer.pl_round == 0 and trainer.polarity == saved["semisam"]["polarity"]
+    assert trainer.network.decoder.deep_supervision is False, "Tiny-MUNet student: single output (METHODS.md §1.3)"
+    opt = trainer.optimizer.state_dict()
+    assert len(opt["param_groups"]) == 3, "student (decay), A_log/D (no decay), projectors"
+    # projector weights have momentum; their biases cancel in the responses (METHODS.md §4.1, step 3): no gradient
+    projector_ids = [i for i in opt["param_groups"][2]["params"] if i in saved["optimizer_state"]["state"]]
+    assert len(projector_ids) == len(opt["param_groups"][2]["params"]) // 2
+    assert all(torch.equal(opt["state"][i]["momentum_buffer"], saved["optimizer_state"]["state"][i]["momentum_buffer"])
+               for i in projector_ids)
+    assert all(float(opt["state"][i]["momentum_buffer"].abs().sum()) > 0 for i in projector_ids)
+    assert opt["param_groups"][1]["weight_decay"] == 0 and opt["param_groups"][0]["weight_decay"] == 3e-5
+
+    run_cmd(cmd + ["--c"], env)
+    log = _log(fold)
+    restored = float(re.search(r"restored pseudo-label round 0, FBVM polarity .*projectors \(sum of weights "
+                               r"([\d.e+-]+)\)", log).group(1))
+    assert restored == pytest.approx(sum(float(v.double().sum()) for v in saved["semisam"]["projector"].values()),
+                                     rel=1e-9)
+    assert "pseudo-label round 1:" in log
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["semisam"]["pseudolabel_round"] == 1 and final["semisam"]["global_step"] == 20
+
+
+def test_3d_configuration_is_refused(tmp_path):
+    from conftest import make_preprocessed_dataset
+
+    env = make_preprocessed_dataset(tmp_path / "n", 994, kind="3d", num_labeled=5, num_unlabeled=0, num_test=0,
+                                    shape=(16, 32, 32))
+    proc = run_cmd(["nnUNetv2_train", "994", "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"], env, check=False)
+    assert proc.returncode != 0
+    assert "is a 2D method" in proc.stderr and "train the '2d' configuration" in proc.stderr
