@@ -38,7 +38,7 @@ def test_standardize_per_image_and_student_wrapper():
     x = torch.randn(2, 3, 16, 16) * torch.tensor([1.0, 5.0, 0.1]).view(1, 3, 1, 1) + 7
     z = standardize_per_image(x)
     assert torch.allclose(z.mean((2, 3)), torch.zeros(2, 3), atol=1e-5)
-    assert torch.allclose(z.var((2, 3), unbiased=False), torch.ones(2, 3), atol=1e-3)
+    assert torch.allclose(z.var((2, 3), unbiased=False), torch.ones(2, 3), atol=2e-3)  # eps = 1e-5 against var 0.01
     # hand-computed: [0, 2] -> mean 1, var 1 -> [-1, 1]
     assert torch.allclose(standardize_per_image(torch.tensor([[[[0.0, 2.0]]]]), eps=0.0),
                           torch.tensor([[[[-1.0, 1.0]]]]))
@@ -46,7 +46,7 @@ def test_standardize_per_image_and_student_wrapper():
                                 kernel_sizes=[[3, 3]] * 3, n_mamba_layers_per_stage=(1,))
     net.eval()
     with torch.no_grad():  # per-image affine changes of intensity do not change the output
-        assert torch.allclose(net(x), net(3 * x - 2), atol=1e-4)
+        assert torch.allclose(net(x), net(3 * x - 2), atol=1e-3)
 
 
 def test_image_channels_only_keeps_soft_targets_out_of_intensity_transforms():
