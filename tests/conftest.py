@@ -49,6 +49,25 @@ def run_cmd(cmd: Sequence[str], env: dict[str, str], timeout: float = 900, check
     return proc
 
 
+def kill_after_first_checkpoint(cmd: Sequence[str], env: dict[str, str], fold: Path, timeout: float = 600) -> Path:
+    """Start `nnUNetv2_train` (cmd), SIGKILL it once `fold/checkpoint_latest.pth` appears; return that path.
+
+    Asserts the run was killed before it finished (no `checkpoint_final.pth`).
+    """
+    import signal
+    import time
+
+    proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = fold / "checkpoint_latest.pth"
+    deadline = time.time() + timeout
+    while time.time() < deadline and not latest.exists() and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.exists() and not (fold / "checkpoint_final.pth").exists(), "killed after the epoch-0 checkpoint"
+    return latest
+
+
 @pytest.fixture
 def nnunet_root(tmp_path: Path) -> Path:
     """A fresh folder holding raw/, preprocessed/ and results/ for one test."""

@@ -363,108 +363,60 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
 
 
 # ---------------------------------------------------------------------------------------------------- variants
-class MedSAMMambaKDTrainer_boxOnly(MedSAMMambaKDTrainer):
-    """Paper-literal: labeled annotations used only as boxes, no mask loss (METHODS.md §4.4)."""
+def variant(name: str, doc: str, base: type | None = None, **attributes) -> type:
+    """A trainer variant in nnU-Net's convention (a subclass that only sets attributes after `super().__init__`).
+
+    `nnUNetv2_train -tr NAME` finds it because it is bound to NAME at module level below.
+    """
+    base = base or MedSAMMambaKDTrainer
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.use_gt_supervision = False
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        schedule = attributes.get("schedule")
+        if schedule is not None:
+            apply_schedule(self, schedule)
+        for key, value in attributes.items():
+            if key != "schedule":
+                setattr(self, key, value)
+
+    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 
-class MedSAMMambaKDTrainer_noFPKDM(MedSAMMambaKDTrainer):
-    """Table 5 ablation: no perturbation-response distillation (and no teacher features at all)."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.use_fpkdm = False
-
-
-class MedSAMMambaKDTrainer_noFBVM(MedSAMMambaKDTrainer):
-    """Table 5 ablation: no foreground/background variance-mean loss."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.use_fbvm = False
-
-
-class MedSAMMambaKDTrainer_SAM(MedSAMMambaKDTrainer):
-    """Table 5 ablation "w/o MedSAM": the original SAM ViT-B from $SEMISAM_SAM_CHECKPOINT as teacher."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.teacher_weights = "sam"
-
-
-class MedSAMMambaKDTrainer_fbvmValidNone(MedSAMMambaKDTrainer):
-    """FBVM over every pixel (no padding mask, METHODS.md §4.7)."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.fbvm_valid_mask = "none"
-
-
-class MedSAMMambaKDTrainer_polarityPos(MedSAMMambaKDTrainer):
-    """FBVM with the paper's implicit assumption that lesions are brighter (s_c = +1, METHODS.md §4.7)."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.fbvm_polarity = "+1"
-
-
-class MedSAMMambaKDTrainer_polarityAbs(MedSAMMambaKDTrainer):
-    """FBVM mean term on |μF − μB| (METHODS.md §4.7)."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.fbvm_polarity = "abs"
-
-
-def _warmup_variant(epochs: int) -> type:
-    class _Warmup(MedSAMMambaKDTrainer):
-        __doc__ = f"Table 6: {epochs} labeled-only warm-up epochs before the joint stage (METHODS.md §4.5)."
-
-        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-            super().__init__(plans, configuration, fold, dataset_json, device)
-            self.init_epochs = epochs
-
-    _Warmup.__name__ = _Warmup.__qualname__ = f"MedSAMMambaKDTrainer_init{epochs}"
-    return _Warmup
-
-
-MedSAMMambaKDTrainer_init10 = _warmup_variant(10)
-MedSAMMambaKDTrainer_init20 = _warmup_variant(20)
-MedSAMMambaKDTrainer_init30 = _warmup_variant(30)
-MedSAMMambaKDTrainer_init40 = _warmup_variant(40)
-
+MedSAMMambaKDTrainer_boxOnly = variant(
+    "MedSAMMambaKDTrainer_boxOnly", "Paper-literal: labeled annotations used only as boxes, no mask loss (METHODS.md "
+    "§4.4).", use_gt_supervision=False)
+MedSAMMambaKDTrainer_noFPKDM = variant(
+    "MedSAMMambaKDTrainer_noFPKDM", "Table 5 ablation: no perturbation-response distillation (and no teacher "
+    "features at all).", use_fpkdm=False)
+MedSAMMambaKDTrainer_noFBVM = variant(
+    "MedSAMMambaKDTrainer_noFBVM", "Table 5 ablation: no foreground/background variance-mean loss.", use_fbvm=False)
+MedSAMMambaKDTrainer_SAM = variant(
+    "MedSAMMambaKDTrainer_SAM", 'Table 5 ablation "w/o MedSAM": the original SAM ViT-B from $SEMISAM_SAM_CHECKPOINT '
+    "as teacher.", teacher_weights="sam")
+MedSAMMambaKDTrainer_fbvmValidNone = variant(
+    "MedSAMMambaKDTrainer_fbvmValidNone", "FBVM over every pixel (no padding mask, METHODS.md §4.7).",
+    fbvm_valid_mask="none")
+MedSAMMambaKDTrainer_polarityPos = variant(
+    "MedSAMMambaKDTrainer_polarityPos", "FBVM with the paper's implicit assumption that lesions are brighter (s_c = "
+    "+1, METHODS.md §4.7).", fbvm_polarity="+1")
+MedSAMMambaKDTrainer_polarityAbs = variant(
+    "MedSAMMambaKDTrainer_polarityAbs", "FBVM mean term on |μF − μB| (METHODS.md §4.7).", fbvm_polarity="abs")
+_WARMUP_DOC = "Table 6: {} labeled-only warm-up epochs before the joint stage (METHODS.md §4.5)."
+MedSAMMambaKDTrainer_init10 = variant("MedSAMMambaKDTrainer_init10", _WARMUP_DOC.format(10), init_epochs=10)
+MedSAMMambaKDTrainer_init20 = variant("MedSAMMambaKDTrainer_init20", _WARMUP_DOC.format(20), init_epochs=20)
+MedSAMMambaKDTrainer_init30 = variant("MedSAMMambaKDTrainer_init30", _WARMUP_DOC.format(30), init_epochs=30)
+MedSAMMambaKDTrainer_init40 = variant("MedSAMMambaKDTrainer_init40", _WARMUP_DOC.format(40), init_epochs=40)
 
 # ---------------------------------------------------------------------------------------------------- short runs
-class MedSAMMambaKDTrainer_smoke(MedSAMMambaKDTrainer):
-    """Tests: `nnUNetTrainer_smoke`'s schedule (2 epochs x 10 iterations), one closed-loop refresh at epoch 1."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, SMOKE)
-        self.pl_start, self.pl_every = 1, 1
-
-
-class MedSAMMambaKDTrainer_boxOnly_smoke(MedSAMMambaKDTrainer_smoke):
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.use_gt_supervision = False
-
-
-class MedSAMMambaKDTrainer_demo(MedSAMMambaKDTrainer):
-    """`nnunet-semisam demo`: `nnUNetTrainer_demo`'s schedule, refreshes at epochs 4 and 8."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, DEMO)
-        self.pl_start, self.pl_every = 4, 4
-
-
-class MedSAMMambaKDTrainer_boxOnly_demo(MedSAMMambaKDTrainer_demo):
-    """The box-only setting (METHODS.md §4.4) on the demo schedule (benchmarks/bench_medsam_mamba_kd.py)."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.use_gt_supervision = False
+MedSAMMambaKDTrainer_smoke = variant(
+    "MedSAMMambaKDTrainer_smoke", "Tests: `nnUNetTrainer_smoke`'s schedule (2 epochs x 10 iterations), one "
+    "closed-loop refresh at epoch 1.", schedule=SMOKE, pl_start=1, pl_every=1)
+MedSAMMambaKDTrainer_boxOnly_smoke = variant(
+    "MedSAMMambaKDTrainer_boxOnly_smoke", "The box-only setting on the smoke schedule.",
+    MedSAMMambaKDTrainer_smoke, use_gt_supervision=False)
+MedSAMMambaKDTrainer_demo = variant(
+    "MedSAMMambaKDTrainer_demo", "`nnunet-semisam demo`: `nnUNetTrainer_demo`'s schedule, refreshes at epochs 4 and "
+    "8.", schedule=DEMO, pl_start=4, pl_every=4)
+MedSAMMambaKDTrainer_boxOnly_demo = variant(
+    "MedSAMMambaKDTrainer_boxOnly_demo", "The box-only setting (METHODS.md §4.4) on the demo schedule "
+    "(benchmarks/bench_medsam_mamba_kd.py).", MedSAMMambaKDTrainer_demo, use_gt_supervision=False)

@@ -7,10 +7,11 @@ from conftest import run_cmd
 def test_demo_small(tmp_path, env):
     out = tmp_path / "demo"
     cmd = ["nnunet-semisam", "demo", "-o", str(out), "--num-train", "50", "--num-test", "3", "--size", "32",
-           "-tr", "nnUNetTrainer_smoke", "MeanTeacherTrainer_smoke", "--quiet"]
+           "-tr", "nnUNetTrainer_smoke", "MeanTeacherTrainer_smoke", "MedSAMMambaKDTrainer_smoke", "--quiet"]
     proc = run_cmd(cmd, env, timeout=1200)
     table = (out / "comparison.md").read_text()
     assert "| nnUNetTrainer_smoke |" in table and "| MeanTeacherTrainer_smoke |" in table
+    assert "| MedSAMMambaKDTrainer_smoke |" in table
     assert (out / "overlays.png").stat().st_size > 1000
     assert "[5/5]" in proc.stdout
     # resumable: a second run skips training and finishes quickly with the same table

@@ -1,6 +1,5 @@
 """Unlabeled cases: plans-exact preprocessing, resumable atomic writes, integrity check with one-line errors."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -8,7 +7,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 

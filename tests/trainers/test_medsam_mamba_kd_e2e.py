@@ -1,16 +1,13 @@
 """MedSAMMambaKDTrainer through the real nnU-Net commands (default and TinyMUNet plans), predict, evaluate, resume."""
 import json
 import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_cmd, with_results
+from conftest import kill_after_first_checkpoint, run_cmd, with_results
 
 TRAINER = "MedSAMMambaKDTrainer_smoke"
 TERMS = ("supervised", "kd_l", "rd_l", "fbvm_l", "kd_u", "rd_u", "fbvm_u")
@@ -102,14 +99,7 @@ def test_kill_and_resume_restores_projectors_round_and_optimizer(tiny2d, tmp_pat
     env = with_results(tiny2d, tmp_path / "results")
     fold = tmp_path / "results" / "Dataset990_SynthRGB" / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
     cmd = ["nnUNetv2_train", "990", "2d", "0", "-tr", TRAINER, "-device", "cpu"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = fold / "checkpoint_latest.pth"
-    deadline = time.time() + 600
-    while time.time() < deadline and not latest.exists() and proc.poll() is None:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert latest.exists() and not (fold / "checkpoint_final.pth").exists(), "killed after the epoch-0 checkpoint"
+    latest = kill_after_first_checkpoint(cmd, env, fold)
     saved = torch.load(latest, map_location="cpu", weights_only=False)
     assert saved["current_epoch"] == 1 and saved["semisam"]["pseudolabel_round"] == 0
 

@@ -1,0 +1,232 @@
+"""MedSAMMambaKDTrainer benchmark (issue 5): accuracy at 10% labels, and cost per iteration, on CPU.
+
+Accuracy (`accuracy`): one synthetic 2D RGB lesion dataset, fully labeled (dataset A), and a copy of it split by
+`nnunet-semisam split-labels --fraction 0.1` (dataset B: 10% labeled, the rest in imagesUnlabeled/). Both are planned
+with `TinyMUNetPlanner`, so every run trains the same Tiny-MUNet. Runs, all through the real `nnUNetv2_train` /
+`nnUNetv2_predict` commands with the same short schedule (`--schedule`, default `demo`: 12 epochs x 25 iterations):
+
+1. `nnUNetTrainer_<s>` on B (labeled cases only)                          -> the supervised 10% baseline
+2. `MedSAMMambaKDTrainer_<s>` on B (embedded stand-in teacher, default)   -> the method
+3. `MedSAMMambaKDTrainer_boxOnly_<s>` on B (paper-literal: labels as boxes only; `--no-box-only` skips it)
+4. `nnUNetTrainer_<s>` on A (every training case labeled)                 -> the fully labeled reference
+
+Test-set Dice / HD95 (`nnunet-semisam evaluate`) are printed as a Markdown table and written to `<out>/kd_accuracy.md`
+and `.json`. Re-running resumes (finished runs are skipped).
+
+Cost (`cost`): `MedSAMMambaKDTrainer` vs `nnUNetTrainer` on the same TinyMUNet plans and data, in one process,
+interleaved blocks of 5 training steps each, median ms per iteration and the ratio; peak memory of each trainer as
+the peak resident set size sampled during its timed steps minus the RSS before them (torch CPU allocations).
+
+    python benchmarks/bench_medsam_mamba_kd.py accuracy [--out DIR] [--num-train 60] [--size 64] [--contrast 0.5]
+    python benchmarks/bench_medsam_mamba_kd.py cost [--size 64] [--iters 20] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+FULL_ID, SPLIT_ID = 781, 782
+PLANS = "nnUNetPlans_TinyMUNet"
+
+
+def _env(root: Path) -> dict[str, str]:
+    from nnunet_semisam.cli.trainers_path import trainers_path
+
+    env = dict(os.environ)
+    for k in ("raw", "preprocessed", "results"):
+        (root / k).mkdir(parents=True, exist_ok=True)
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+               nnUNet_results=str(root / "results"), nnUNet_extTrainer=trainers_path(), nnUNet_n_proc_DA="1",
+               nnUNet_compile="false", nnUNet_def_n_proc="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str], log: Path) -> None:
+    t0 = time.time()
+    print("$ " + " ".join(cmd), flush=True)
+    with open(log, "a", encoding="utf-8") as f:
+        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc:
+        sys.exit(f"error: {' '.join(cmd)} failed ({rc}); see {log}")
+    print(f"  {time.time() - t0:.0f} s", flush=True)
+
+
+def _make_datasets(root: Path, env: dict[str, str], a: argparse.Namespace, log: Path) -> tuple[Path, Path]:
+    from nnunet_semisam.data.synthetic import SynthParams, make_synthetic_dataset
+
+    raw = Path(env["nnUNet_raw"])
+    full = raw / f"Dataset{FULL_ID:03d}_KDBenchFull"
+    split = raw / f"Dataset{SPLIT_ID:03d}_KDBench10pct"
+    if not (full / "dataset.json").is_file():
+        make_synthetic_dataset(raw, FULL_ID, kind="2d-rgb", num_labeled=a.num_train, num_unlabeled=0,
+                               num_test=a.num_test, shape=(a.size, a.size), seed=a.seed, name="KDBenchFull",
+                               params=SynthParams(contrast=a.contrast), progress=False)
+    if not (split / "split_labels.json").is_file():
+        shutil.rmtree(split, ignore_errors=True)
+        shutil.copytree(full, split)
+        ds = json.loads((split / "dataset.json").read_text())
+        ds["name"] = "KDBench10pct"
+        (split / "dataset.json").write_text(json.dumps(ds, indent=2))
+        _run(["nnunet-semisam", "split-labels", "-d", str(SPLIT_ID), "--fraction", str(a.fraction), "--seed",
+              str(a.seed), "--quiet"], env, log)
+    for did in (FULL_ID, SPLIT_ID):
+        pre = Path(env["nnUNet_preprocessed"]) / (full.name if did == FULL_ID else split.name)
+        if not (pre / f"{PLANS}_2d").is_dir():
+            _run(["nnUNetv2_extract_fingerprint", "-d", str(did), "-np", "1"], env, log)
+            _run(["nnunet-semisam", "plan", "-d", str(did), "-pl", "TinyMUNetPlanner"], env, log)
+            _run(["nnUNetv2_preprocess", "-d", str(did), "-plans_name", PLANS, "-c", "2d", "-np", "1"], env, log)
+    _run(["nnunet-semisam", "preprocess-unlabeled", "-d", str(SPLIT_ID), "-c", "2d", "-p", PLANS, "--quiet"], env,
+         log)
+    return full, split
+
+
+def accuracy(a: argparse.Namespace) -> None:
+    from nnunet_semisam.evaluation.metrics import evaluate_folders, format_markdown_table
+
+    root = Path(a.out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    env = _env(root)
+    log = root / "bench.log"
+    t_start = time.time()
+    full, split = _make_datasets(root, env, a, log)
+    n_lab = len(list((split / "labelsTr").glob("*.png")))
+    s = a.schedule
+    runs = [("nnUNetTrainer (labeled only)", SPLIT_ID, split, f"nnUNetTrainer_{s}"),
+            ("MedSAMMambaKDTrainer", SPLIT_ID, split, f"MedSAMMambaKDTrainer_{s}")]
+    if a.box_only:
+        runs.append(("MedSAMMambaKDTrainer_boxOnly", SPLIT_ID, split, f"MedSAMMambaKDTrainer_boxOnly_{s}"))
+    runs.append(("nnUNetTrainer (fully labeled)", FULL_ID, full, f"nnUNetTrainer_{s}"))
+    rows = []
+    for label, did, raw, trainer in runs:
+        fold = Path(env["nnUNet_results"]) / raw.name / f"{trainer}__{PLANS}__2d" / "fold_0"
+        t0 = time.time()
+        if not (fold / "checkpoint_final.pth").is_file():
+            cont = ["--c"] if (fold / "checkpoint_latest.pth").is_file() else []
+            _run(["nnUNetv2_train", str(did), "2d", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", *cont], env,
+                 log)
+        train_s = time.time() - t0
+        pred = root / "predictions" / f"{raw.name}_{trainer}"
+        if not (pred / "metrics.json").is_file():
+            _run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(did), "-c", "2d", "-f",
+                  "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", "-npp", "1", "-nps", "1",
+                  "--disable_progress_bar"], env, log)
+        m = evaluate_folders(pred, raw / "labelsTs", output_dir=pred, progress=False)["mean"]["mean"]
+        labeled = n_lab if did == SPLIT_ID else a.num_train
+        rows.append({"run": label, "labeled": f"{labeled}/{a.num_train}", "Dice %": 100 * m["dice"],
+                     "HD95 px": m["hd95_vox"], "ASD px": m["asd_vox"], "train s (this run)": round(train_s)})
+    base, kd, fullsup = rows[0]["Dice %"], rows[1]["Dice %"], rows[-1]["Dice %"]
+    table = format_markdown_table(rows, list(rows[0]))
+    summary = (f"KD - supervised 10%: {kd - base:+.2f} Dice points (target >= +5); fully labeled - KD: "
+               f"{fullsup - kd:+.2f} (target <= 2)")
+    header = (f"synthetic 2d-rgb, {a.num_train} train / {a.num_test} test images of {a.size}x{a.size}, lesion "
+              f"contrast {a.contrast}, seed {a.seed}, schedule `_{s}`, plans {PLANS}, teacher: "
+              f"{os.environ.get('SEMISAM_TEACHER') or 'embedded stand-in'}")
+    text = f"{header}\n\n{table}\n\n{summary}\n"
+    (root / "kd_accuracy.md").write_text(text)
+    (root / "kd_accuracy.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    print(f"\n{text}\ntotal {time.time() - t_start:.0f} s; {root / 'kd_accuracy.md'}")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+class PeakRSS:
+    """Peak RSS (MB) above the value at entry, sampled every ~1 ms by a thread."""
+
+    def __enter__(self):
+        self.before, self.peak, self._done = _rss_mb(), 0.0, threading.Event()
+
+        def sample():
+            while not self._done.is_set():
+                self.peak = max(self.peak, _rss_mb())
+                time.sleep(0.001)
+
+        self._t = threading.Thread(target=sample, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._t.join()
+        self.delta = max(self.peak, _rss_mb()) - self.before
+
+
+def cost(a: argparse.Namespace) -> None:
+    root = Path(tempfile.mkdtemp(prefix="bench_kd_"))
+    env = _env(root)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet_")})
+    a.num_train, a.num_test, a.fraction = 30, 0, 1 / 3
+    _make_datasets(root, env, a, root / "bench.log")
+
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    torch.set_num_threads(a.threads)
+    trainers, peak = {}, {}
+    for name in ("nnUNetTrainer", "MedSAMMambaKDTrainer"):
+        t = get_trainer_from_args(str(SPLIT_ID), "2d", 0, name, PLANS, device=torch.device("cpu"))
+        t.on_train_start()
+        t.network.train()
+        for _ in range(2):  # warm-up
+            t.train_step(next(t.dataloader_train))
+        trainers[name] = t
+        peak[name] = 0.0
+    times = {k: [] for k in trainers}
+    for _ in range(max(1, a.iters // 5)):
+        for name, t in trainers.items():
+            for _ in range(5):
+                batch = next(t.dataloader_train)
+                with PeakRSS() as m:
+                    t0 = time.perf_counter()
+                    t.train_step(batch)
+                    times[name].append(time.perf_counter() - t0)
+                peak[name] = max(peak[name], m.delta)
+    base = statistics.median(times["nnUNetTrainer"])
+    kd = statistics.median(times["MedSAMMambaKDTrainer"])
+    bs = trainers["nnUNetTrainer"].batch_size
+    n_proj = sum(p.numel() for p in trainers["MedSAMMambaKDTrainer"].projector.parameters())
+    print(f"{a.size}x{a.size} RGB, TinyMUNet plans, batch {bs} labeled (+{bs} unlabeled for KD), embedded teacher, "
+          f"{a.threads} threads, median of {len(times['nnUNetTrainer'])} iterations")
+    print(f"nnUNetTrainer        {base * 1000:8.1f} ms/iteration, peak step memory {peak['nnUNetTrainer']:7.1f} MB")
+    print(f"MedSAMMambaKDTrainer {kd * 1000:8.1f} ms/iteration, peak step memory "
+          f"{peak['MedSAMMambaKDTrainer']:7.1f} MB (FPKDM projectors {n_proj:,} parameters)")
+    print(f"ratio MedSAMMambaKDTrainer / nnUNetTrainer = {kd / base:.2f} (target <= 2.5)")
+    sys.stdout.flush()
+    os._exit(0)  # background augmenter workers exit with the process
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    for name in ("accuracy", "cost"):
+        p = sub.add_parser(name)
+        p.add_argument("--size", type=int, default=64)
+        p.add_argument("--contrast", type=float, default=0.5, help="lesion contrast of the synthetic data")
+        p.add_argument("--seed", type=int, default=0)
+        if name == "accuracy":
+            p.add_argument("--out", default="kd_bench")
+            p.add_argument("--num-train", type=int, default=60)
+            p.add_argument("--num-test", type=int, default=20)
+            p.add_argument("--fraction", type=float, default=0.1)
+            p.add_argument("--schedule", default="demo", help="trainer suffix: demo (12x25 iterations) or smoke")
+            p.add_argument("--no-box-only", dest="box_only", action="store_false")
+        else:
+            p.add_argument("--iters", type=int, default=20)
+            p.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    accuracy(a) if a.what == "accuracy" else cost(a)
+
+
+if __name__ == "__main__":
+    main()
