@@ -8,7 +8,10 @@ with `TinyMUNetPlanner`, so every run trains the same Tiny-MUNet. Runs, all thro
 1. `nnUNetTrainer_<s>` on B (labeled cases only)                          -> the supervised 10% baseline
 2. `MedSAMMambaKDTrainer_<s>` on B (embedded stand-in teacher, default)   -> the method
 3. `MedSAMMambaKDTrainer_boxOnly_<s>` on B (paper-literal: labels as boxes only; `--no-box-only` skips it)
-4. `nnUNetTrainer_<s>` on A (every training case labeled)                 -> the fully labeled reference
+4. `MedSAMMambaKDTrainer_nnUNetOptim_<s>` on B (nnU-Net's lr 1e-2 + poly instead of the paper's 1e-3 + cosine;
+   `--no-optim` skips it)
+   (`--ablations`: `MedSAMMambaKDTrainer_noFBVM_<s>`, `_noFPKDM_<s>` on B, the paper's table 5 switches)
+5. `nnUNetTrainer_<s>` on A (every training case labeled)                 -> the fully labeled reference
 
 Test-set Dice / HD95 (`nnunet-semisam evaluate`) are printed as a Markdown table and written to `<out>/kd_accuracy.md`
 and `.json`. Re-running resumes (finished runs are skipped).
@@ -89,6 +92,14 @@ def _make_datasets(root: Path, env: dict[str, str], a: argparse.Namespace, log: 
     return full, split
 
 
+def _epoch_seconds(fold: Path) -> float:
+    """Sum of nnU-Net's logged 'Epoch time' of a run (also right for runs resumed or done earlier)."""
+    import re
+
+    text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    return sum(float(t) for t in re.findall(r"Epoch time: ([\d.]+) s", text))
+
+
 def accuracy(a: argparse.Namespace) -> None:
     from nnunet_semisam.evaluation.metrics import evaluate_folders, format_markdown_table
 
@@ -104,16 +115,20 @@ def accuracy(a: argparse.Namespace) -> None:
             ("MedSAMMambaKDTrainer", SPLIT_ID, split, f"MedSAMMambaKDTrainer_{s}")]
     if a.box_only:
         runs.append(("MedSAMMambaKDTrainer_boxOnly", SPLIT_ID, split, f"MedSAMMambaKDTrainer_boxOnly_{s}"))
+    if a.optim:
+        runs.append(("MedSAMMambaKDTrainer_nnUNetOptim", SPLIT_ID, split, f"MedSAMMambaKDTrainer_nnUNetOptim_{s}"))
+    if a.ablations:
+        runs += [(f"MedSAMMambaKDTrainer_{x}", SPLIT_ID, split, f"MedSAMMambaKDTrainer_{x}_{s}")
+                 for x in ("noFBVM", "noFPKDM")]
     runs.append(("nnUNetTrainer (fully labeled)", FULL_ID, full, f"nnUNetTrainer_{s}"))
     rows = []
     for label, did, raw, trainer in runs:
         fold = Path(env["nnUNet_results"]) / raw.name / f"{trainer}__{PLANS}__2d" / "fold_0"
-        t0 = time.time()
         if not (fold / "checkpoint_final.pth").is_file():
             cont = ["--c"] if (fold / "checkpoint_latest.pth").is_file() else []
             _run(["nnUNetv2_train", str(did), "2d", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", *cont], env,
                  log)
-        train_s = time.time() - t0
+        train_s = _epoch_seconds(fold)
         pred = root / "predictions" / f"{raw.name}_{trainer}"
         if not (pred / "metrics.json").is_file():
             _run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(did), "-c", "2d", "-f",
@@ -122,7 +137,7 @@ def accuracy(a: argparse.Namespace) -> None:
         m = evaluate_folders(pred, raw / "labelsTs", output_dir=pred, progress=False)["mean"]["mean"]
         labeled = n_lab if did == SPLIT_ID else a.num_train
         rows.append({"run": label, "labeled": f"{labeled}/{a.num_train}", "Dice %": 100 * m["dice"],
-                     "HD95 px": m["hd95_vox"], "ASD px": m["asd_vox"], "train s (this run)": round(train_s)})
+                     "HD95 px": m["hd95_vox"], "ASD px": m["asd_vox"], "train s (epochs)": round(train_s)})
     base, kd, fullsup = rows[0]["Dice %"], rows[1]["Dice %"], rows[-1]["Dice %"]
     table = format_markdown_table(rows, list(rows[0]))
     summary = (f"KD - supervised 10%: {kd - base:+.2f} Dice points (target >= +5); fully labeled - KD: "
@@ -221,6 +236,9 @@ def main() -> None:
             p.add_argument("--fraction", type=float, default=0.1)
             p.add_argument("--schedule", default="demo", help="trainer suffix: demo (12x25 iterations) or smoke")
             p.add_argument("--no-box-only", dest="box_only", action="store_false")
+            p.add_argument("--no-optim", dest="optim", action="store_false",
+                           help="skip the run with nnU-Net's optimiser recipe (lr 1e-2, poly)")
+            p.add_argument("--ablations", action="store_true", help="also the no-FBVM and no-FPKDM ablations")
         else:
             p.add_argument("--iters", type=int, default=20)
             p.add_argument("--threads", type=int, default=2)

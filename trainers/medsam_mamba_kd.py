@@ -36,6 +36,7 @@ import os
 import numpy as np
 import torch
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from nnunet_semisam.data.soft_targets import SoftTargetDataset, image_channels_only, split_soft_targets
 from nnunet_semisam.errors import SemiSAMError
@@ -102,6 +103,7 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
         self.initial_lr = 1e-3
         self.weight_decay = 3e-5
         self.min_lr = 1e-5
+        self.lr_schedule = "cosine"  # cosine (paper) | poly (nnU-Net's PolyLRScheduler, `_nnUNetOptim`)
         self.num_epochs = 100
 
         self.teacher: MedSAMTeacher | None = None
@@ -165,7 +167,7 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
 
     def configure_optimizers(self):
         """§4.6: SGD(lr 1e-3, momentum 0.99, nesterov, wd 3e-5; A_log and D without decay) over student and
-        projectors, cosine annealing to `min_lr` per epoch."""
+        projectors, cosine annealing to `min_lr` per epoch (`lr_schedule = "poly"`: nnU-Net's poly decay)."""
         self._setup_teacher_and_projector()
         decay, no_decay = [], []
         for name, p in self.network.named_parameters():
@@ -175,6 +177,8 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
         if self.projector is not None:
             groups.append({"params": list(self.projector.parameters()), "weight_decay": self.weight_decay})
         optimizer = torch.optim.SGD(groups, lr=self.initial_lr, momentum=0.99, nesterov=True)
+        if self.lr_schedule == "poly":
+            return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
         return optimizer, CosineLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.min_lr)
 
     # ------------------------------------------------------------------------------------------------ data
@@ -401,6 +405,9 @@ MedSAMMambaKDTrainer_polarityPos = variant(
     "+1, METHODS.md §4.7).", fbvm_polarity="+1")
 MedSAMMambaKDTrainer_polarityAbs = variant(
     "MedSAMMambaKDTrainer_polarityAbs", "FBVM mean term on |μF − μB| (METHODS.md §4.7).", fbvm_polarity="abs")
+MedSAMMambaKDTrainer_nnUNetOptim = variant(
+    "MedSAMMambaKDTrainer_nnUNetOptim", "nnU-Net's optimiser recipe instead of the paper's: lr 1e-2, poly decay "
+    "(METHODS.md §1.5), for the §4.6 comparison.", initial_lr=1e-2, lr_schedule="poly")
 _WARMUP_DOC = "Table 6: {} labeled-only warm-up epochs before the joint stage (METHODS.md §4.5)."
 MedSAMMambaKDTrainer_init10 = variant("MedSAMMambaKDTrainer_init10", _WARMUP_DOC.format(10), init_epochs=10)
 MedSAMMambaKDTrainer_init20 = variant("MedSAMMambaKDTrainer_init20", _WARMUP_DOC.format(20), init_epochs=20)
@@ -417,6 +424,15 @@ MedSAMMambaKDTrainer_boxOnly_smoke = variant(
 MedSAMMambaKDTrainer_demo = variant(
     "MedSAMMambaKDTrainer_demo", "`nnunet-semisam demo`: `nnUNetTrainer_demo`'s schedule, refreshes at epochs 4 and "
     "8.", schedule=DEMO, pl_start=4, pl_every=4)
+MedSAMMambaKDTrainer_nnUNetOptim_demo = variant(
+    "MedSAMMambaKDTrainer_nnUNetOptim_demo", "nnU-Net's optimiser recipe on the demo schedule (benchmark).",
+    MedSAMMambaKDTrainer_demo, initial_lr=1e-2, lr_schedule="poly")
+MedSAMMambaKDTrainer_noFBVM_demo = variant(
+    "MedSAMMambaKDTrainer_noFBVM_demo", "The no-FBVM ablation on the demo schedule (benchmark).",
+    MedSAMMambaKDTrainer_demo, use_fbvm=False)
+MedSAMMambaKDTrainer_noFPKDM_demo = variant(
+    "MedSAMMambaKDTrainer_noFPKDM_demo", "The no-FPKDM ablation on the demo schedule (benchmark).",
+    MedSAMMambaKDTrainer_demo, use_fpkdm=False)
 MedSAMMambaKDTrainer_boxOnly_demo = variant(
     "MedSAMMambaKDTrainer_boxOnly_demo", "The box-only setting (METHODS.md §4.4) on the demo schedule "
     "(benchmarks/bench_medsam_mamba_kd.py).", MedSAMMambaKDTrainer_demo, use_gt_supervision=False)
