@@ -17,8 +17,9 @@ Test-set Dice / HD95 (`nnunet-semisam evaluate`) are printed as a Markdown table
 and `.json`. Re-running resumes (finished runs are skipped).
 
 Cost (`cost`): `MedSAMMambaKDTrainer` vs `nnUNetTrainer` on the same TinyMUNet plans and data, in one process,
-interleaved blocks of 5 training steps each, median ms per iteration and the ratio; peak memory of each trainer as
-the peak resident set size sampled during its timed steps minus the RSS before them (torch CPU allocations).
+interleaved blocks of 5 training steps each, median ms per iteration and the ratio; peak memory of each trainer in a
+fresh process of its own: the peak resident set size sampled during its first 3 steps minus the RSS of the ready
+trainer (network, teacher, loaders) before them.
 
     python benchmarks/bench_medsam_mamba_kd.py accuracy [--out DIR] [--num-train 60] [--size 64] [--contrast 0.5]
     python benchmarks/bench_medsam_mamba_kd.py cost [--size 64] [--iters 20] [--threads 2]
@@ -177,46 +178,78 @@ class PeakRSS:
         self.delta = max(self.peak, _rss_mb()) - self.before
 
 
+def _step_memory_child(dataset: str, trainer: str, env: dict, queue) -> None:
+    """Fresh process: build the trainer and its loaders, then the peak RSS above that during 3 training steps."""
+    os.environ.update(env)
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    torch.set_num_threads(1)
+    t = get_trainer_from_args(dataset, "2d", 0, trainer, PLANS, device=torch.device("cpu"))
+    t.on_train_start()
+    t.network.train()
+    with PeakRSS() as m:
+        for _ in range(3):
+            t.train_step(next(t.dataloader_train))
+    queue.put(m.delta)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def step_memory_mb(trainer: str, env: dict) -> float:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_step_memory_child, args=(str(SPLIT_ID), trainer, env, queue))
+    p.start()
+    value = queue.get(timeout=1800)
+    p.join()
+    return value
+
+
 def cost(a: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_kd_"))
     env = _env(root)
-    os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet_")})
+    nn_env = {k: v for k, v in env.items() if k.startswith("nnUNet_")}
+    os.environ.update(nn_env)
     a.num_train, a.num_test, a.fraction = 30, 0, 1 / 3
     _make_datasets(root, env, a, root / "bench.log")
+    names = ("nnUNetTrainer", "MedSAMMambaKDTrainer")
+    peak = {name: step_memory_mb(name, nn_env) for name in names}
 
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
     torch.set_num_threads(a.threads)
-    trainers, peak = {}, {}
-    for name in ("nnUNetTrainer", "MedSAMMambaKDTrainer"):
+    trainers = {}
+    for name in names:
         t = get_trainer_from_args(str(SPLIT_ID), "2d", 0, name, PLANS, device=torch.device("cpu"))
         t.on_train_start()
         t.network.train()
         for _ in range(2):  # warm-up
             t.train_step(next(t.dataloader_train))
         trainers[name] = t
-        peak[name] = 0.0
     times = {k: [] for k in trainers}
     for _ in range(max(1, a.iters // 5)):
         for name, t in trainers.items():
             for _ in range(5):
                 batch = next(t.dataloader_train)
-                with PeakRSS() as m:
-                    t0 = time.perf_counter()
-                    t.train_step(batch)
-                    times[name].append(time.perf_counter() - t0)
-                peak[name] = max(peak[name], m.delta)
+                t0 = time.perf_counter()
+                t.train_step(batch)
+                times[name].append(time.perf_counter() - t0)
     base = statistics.median(times["nnUNetTrainer"])
     kd = statistics.median(times["MedSAMMambaKDTrainer"])
     bs = trainers["nnUNetTrainer"].batch_size
     n_proj = sum(p.numel() for p in trainers["MedSAMMambaKDTrainer"].projector.parameters())
     print(f"{a.size}x{a.size} RGB, TinyMUNet plans, batch {bs} labeled (+{bs} unlabeled for KD), embedded teacher, "
-          f"{a.threads} threads, median of {len(times['nnUNetTrainer'])} iterations")
+          f"{a.threads} threads, median of {len(times['nnUNetTrainer'])} iterations; peak memory = peak RSS above "
+          f"the ready trainer during 3 steps, in a fresh process each")
     print(f"nnUNetTrainer        {base * 1000:8.1f} ms/iteration, peak step memory {peak['nnUNetTrainer']:7.1f} MB")
     print(f"MedSAMMambaKDTrainer {kd * 1000:8.1f} ms/iteration, peak step memory "
           f"{peak['MedSAMMambaKDTrainer']:7.1f} MB (FPKDM projectors {n_proj:,} parameters)")
-    print(f"ratio MedSAMMambaKDTrainer / nnUNetTrainer = {kd / base:.2f} (target <= 2.5)")
+    print(f"ratio MedSAMMambaKDTrainer / nnUNetTrainer = {kd / base:.2f} (target <= 2.5); peak memory ratio "
+          f"{peak['MedSAMMambaKDTrainer'] / max(peak['nnUNetTrainer'], 1e-9):.2f}")
     sys.stdout.flush()
     os._exit(0)  # background augmenter workers exit with the process
 

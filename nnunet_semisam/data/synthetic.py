@@ -44,7 +44,7 @@ DEFAULT_NAMES = {"2d-rgb": "SynthRGB", "2d-mri": "SynthMRI", "3d": "Synth3D"}
 DEFAULT_SPACINGS = {"2d-rgb": (1.0, 1.0), "2d-mri": (1.0, 1.0), "3d": (1.5, 1.0, 1.0)}
 DEFAULT_POLARITY = {"2d-rgb": -1, "2d-mri": 1, "3d": 1}
 CHANNEL_NAMES = {
-    "2d-rgb": {"0": "R", "1": "G", "2": "B"},
+    "2d-rgb": {"0": "rgb_to_0_1", "1": "rgb_to_0_1", "2": "rgb_to_0_1"},  # R, G, B: RGBTo01Normalization (rule U)
     "2d-mri": {"0": "FLAIR", "1": "T1", "2": "T2"},
     "3d": {"0": "MRI"},
 }

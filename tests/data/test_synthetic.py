@@ -156,7 +156,7 @@ def test_dataset_layout_and_json(tmp_path):
     }
     assert not list(folder.rglob(".tmp_*"))
     dj = json.loads((folder / "dataset.json").read_text())
-    assert dj["channel_names"] == {"0": "R", "1": "G", "2": "B"}
+    assert dj["channel_names"] == {str(c): "rgb_to_0_1" for c in range(3)}  # RGBTo01Normalization, as converters
     assert dj["labels"] == {"background": 0, "lesion": 1}
     assert dj["numTraining"] == 2 and dj["numUnlabeled"] == 3 and dj["numTest"] == 1
     assert dj["file_ending"] == ".png"
