@@ -192,8 +192,10 @@ def _step_memory_child(dataset: str, trainer: str, env: dict, queue) -> None:
         for _ in range(3):
             t.train_step(next(t.dataloader_train))
     queue.put(m.delta)
+    queue.close()
+    queue.join_thread()  # the value is sent before the hard exit below
     sys.stdout.flush()
-    os._exit(0)
+    os._exit(0)  # loader workers exit with the process
 
 
 def step_memory_mb(trainer: str, env: dict) -> float:
@@ -216,7 +218,10 @@ def cost(a: argparse.Namespace) -> None:
     a.num_train, a.num_test, a.fraction = 30, 0, 1 / 3
     _make_datasets(root, env, a, root / "bench.log")
     names = ("nnUNetTrainer", "MedSAMMambaKDTrainer")
-    peak = {name: step_memory_mb(name, nn_env) for name in names}
+    peak = {}
+    for name in names:
+        peak[name] = step_memory_mb(name, nn_env)
+        print(f"peak step memory {name}: {peak[name]:.1f} MB", flush=True)
 
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
