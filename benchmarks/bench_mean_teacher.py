@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +45,7 @@ def main() -> None:
 
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
+    from step_timing import interleaved_step_times, ready_for_steps
 
     torch.set_num_threads(args.threads)
     trainers = {}
@@ -59,19 +59,9 @@ def main() -> None:
         if b_l == "half":  # SSL4MIS composition: labeled_bs = batch_size / 2, same total batch as supervised
             t.batch_size = max(1, t.batch_size // 2)
             t.unlabeled_batch_size = t.batch_size
-        t.on_train_start()
-        t.network.train()
-        for _ in range(2):  # warm-up
-            t.train_step(next(t.dataloader_train))
+        ready_for_steps(t)
         trainers[label] = t
-    times = {k: [] for k in trainers}
-    for _ in range(max(1, args.iters // 5)):
-        for name, t in trainers.items():
-            for _ in range(5):
-                batch = next(t.dataloader_train)
-                t0 = time.perf_counter()
-                t.train_step(batch)
-                times[name].append(time.perf_counter() - t0)
+    times = interleaved_step_times(trainers, args.iters)
     base = np.median(times["nnUNetTrainer"])
     bs = trainers["nnUNetTrainer"].batch_size
     print(f"{args.size}x{args.size} RGB, plans batch B = {bs}, {args.threads} threads, "

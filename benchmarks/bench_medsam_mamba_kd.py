@@ -225,24 +225,14 @@ def cost(a: argparse.Namespace) -> None:
 
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
+    from step_timing import interleaved_step_times, ready_for_steps
 
     torch.set_num_threads(a.threads)
     trainers = {}
     for name in names:
-        t = get_trainer_from_args(str(SPLIT_ID), "2d", 0, name, PLANS, device=torch.device("cpu"))
-        t.on_train_start()
-        t.network.train()
-        for _ in range(2):  # warm-up
-            t.train_step(next(t.dataloader_train))
-        trainers[name] = t
-    times = {k: [] for k in trainers}
-    for _ in range(max(1, a.iters // 5)):
-        for name, t in trainers.items():
-            for _ in range(5):
-                batch = next(t.dataloader_train)
-                t0 = time.perf_counter()
-                t.train_step(batch)
-                times[name].append(time.perf_counter() - t0)
+        trainers[name] = ready_for_steps(
+            get_trainer_from_args(str(SPLIT_ID), "2d", 0, name, PLANS, device=torch.device("cpu")))
+    times = interleaved_step_times(trainers, a.iters)
     base = statistics.median(times["nnUNetTrainer"])
     kd = statistics.median(times["MedSAMMambaKDTrainer"])
     bs = trainers["nnUNetTrainer"].batch_size

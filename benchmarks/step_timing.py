@@ -1,0 +1,27 @@
+"""Shared by the trainer benchmarks: warm-up and interleaved timing of nnU-Net training steps in one process."""
+from __future__ import annotations
+
+import time
+
+
+def ready_for_steps(trainer, warmup: int = 2):
+    """`on_train_start` (loaders, teacher, ...), train mode and `warmup` untimed steps; returns the trainer."""
+    trainer.on_train_start()
+    trainer.network.train()
+    for _ in range(warmup):
+        trainer.train_step(next(trainer.dataloader_train))
+    return trainer
+
+
+def interleaved_step_times(trainers: dict, iters: int, block: int = 5) -> dict[str, list[float]]:
+    """Seconds per `train_step` of each trainer, in alternating blocks of `block` steps so that all of them see the
+    same machine load; data loading is outside the timed region."""
+    times = {k: [] for k in trainers}
+    for _ in range(max(1, iters // block)):
+        for name, t in trainers.items():
+            for _ in range(block):
+                batch = next(t.dataloader_train)
+                t0 = time.perf_counter()
+                t.train_step(batch)
+                times[name].append(time.perf_counter() - t0)
+    return times
