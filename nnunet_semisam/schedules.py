@@ -1,10 +1,12 @@
-"""Ramp-up schedules for unsupervised loss weights (METHODS.md §1.4).
+"""Ramp-up schedules for unsupervised loss weights (METHODS.md §1.4) and the cosine learning rate of §4.6.
 
 Plain functions of the iteration counter; trainers pass `t_it` (global iteration, 0-based) and the run length.
 """
 from __future__ import annotations
 
 import math
+
+from torch.optim.lr_scheduler import LRScheduler
 
 
 def sigmoid_rampup(current: float, rampup_length: float) -> float:
@@ -33,13 +35,7 @@ def cosine_lr(step: float, initial_lr: float, max_steps: int, min_lr: float = 0.
     return float(min_lr + (initial_lr - min_lr) * (1.0 + math.cos(math.pi * step / max_steps)) / 2.0)
 
 
-def _lr_scheduler_base():
-    from torch.optim.lr_scheduler import LRScheduler
-
-    return LRScheduler
-
-
-class CosineLRScheduler(_lr_scheduler_base()):
+class CosineLRScheduler(LRScheduler):
     """Cosine annealing per epoch with nnU-Net's scheduler interface (`step(current_epoch)`, like PolyLRScheduler).
 
     METHODS.md §4.6: CosineAnnealingLR(T_max = total epochs, eta_min = 1e-5), stepped per epoch; every param group

@@ -68,6 +68,24 @@ def kill_after_first_checkpoint(cmd: Sequence[str], env: dict[str, str], fold: P
     return latest
 
 
+def training_log(fold: Path) -> str:
+    """All of nnU-Net's training logs of a fold folder, oldest first (a resumed run writes a second one)."""
+    return "\n".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
+
+
+def trainer_from_checkpoint(env: dict[str, str], monkeypatch, dataset: str, trainer: str, checkpoint: Path):
+    """The trainer class `nnUNetv2_train` would build (nnU-Net folders from `env`), CPU, with `checkpoint` loaded."""
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    for k, v in env.items():
+        if k.startswith("nnUNet_"):
+            monkeypatch.setenv(k, v)
+    t = get_trainer_from_args(dataset, "2d", 0, trainer, device=torch.device("cpu"))
+    t.load_checkpoint(str(checkpoint))
+    return t
+
+
 @pytest.fixture
 def nnunet_root(tmp_path: Path) -> Path:
     """A fresh folder holding raw/, preprocessed/ and results/ for one test."""

@@ -46,7 +46,7 @@ from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.losses.fbvm import estimate_polarity, fbvm_loss, nonmin_valid_mask
 from nnunet_semisam.losses.fpkdm import FeatureProjector, fpkdm_responses
 from nnunet_semisam.losses.kd import kd_loss, response_distillation_loss
-from nnunet_semisam.networks.kd_student import build_kd_student, standardize_per_image
+from nnunet_semisam.networks.kd_student import build_kd_student, describe_kd_student, standardize_per_image
 from nnunet_semisam.schedules import CosineLRScheduler
 from nnunet_semisam.teachers.cache import EmbeddingCache
 from nnunet_semisam.teachers.closed_loop import ClosedLoopTargets
@@ -122,13 +122,12 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
         """The Tiny-MUNet student for these plans (see `nnunet_semisam.networks.kd_student`); no deep supervision."""
-        return build_kd_student(configuration_manager, num_input_channels, num_output_channels)[0]
+        return build_kd_student(configuration_manager, num_input_channels, num_output_channels)
 
     def initialize(self):
         super().initialize()
-        _, description = build_kd_student(self.configuration_manager, self.num_input_channels,
-                                          self.label_manager.num_segmentation_heads)
-        self.print_to_log_file(description)
+        self.print_to_log_file(describe_kd_student(self.configuration_manager, self.network, self.num_input_channels,
+                                                   self.label_manager.num_segmentation_heads))
 
     # ------------------------------------------------------------------------------------------------ teacher
     def teacher_checkpoint_path(self) -> str:
@@ -263,12 +262,6 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
         self.print_to_log_file(f"pseudo-label round {self.pl_round}: {stats['available']}/{stats['cases']} unlabeled "
                                f"cases have a pseudo-label ({time() - start:.1f} s; teacher embedding cache "
                                f"{self.teacher.cache.hits} hits, {self.teacher.cache.misses} misses)")
-
-    @property
-    def unlabeled_cases(self) -> list[str]:
-        from nnunet_semisam.data.unlabeled import list_preprocessed_unlabeled
-
-        return list_preprocessed_unlabeled(self.unlabeled_folder)
 
     @torch.no_grad()
     def predict_foreground(self, data: np.ndarray) -> np.ndarray:

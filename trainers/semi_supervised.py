@@ -109,10 +109,15 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         """Drop the unlabeled batches already prepared by the worker processes (up to two queues of `num_cached`)
         and start a fresh loader, so that data written since (e.g. refreshed pseudo-labels) reaches the next batch."""
         _finish_quietly(self.dataloader_unlabeled)
-        self.dataloader_unlabeled = self._build_unlabeled_loader(list_preprocessed_unlabeled(self.unlabeled_folder))
+        self.dataloader_unlabeled = self._build_unlabeled_loader(self.unlabeled_cases)
+
+    @property
+    def unlabeled_cases(self) -> list[str]:
+        """Identifiers of the complete preprocessed unlabeled cases (`nnunet_semisam.data.unlabeled`)."""
+        return list_preprocessed_unlabeled(self.unlabeled_folder)
 
     def _check_unlabeled_folder(self) -> list[str]:
-        cases = list_preprocessed_unlabeled(self.unlabeled_folder)
+        cases = self.unlabeled_cases
         if not cases:
             raise SemiSAMError(
                 f"{self.__class__.__name__} needs unlabeled cases but {self.unlabeled_folder} has none: run "

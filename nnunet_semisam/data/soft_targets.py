@@ -6,8 +6,9 @@ cropping, padding (0 = no pseudo-label) and spatial transforms then move them wi
 like image channels), and `image_channels_only` keeps every intensity transform off them. After augmentation, `conf`
 is a soft weight in [0, 1] (interpolated at the edges of the available region).
 
-The store is read at every load, so a pseudo-label refresh (closed loop, METHODS.md §4.5) reaches the loaders'
-worker processes without restarting them; files are replaced atomically, so a worker sees the old or the new map.
+The store is read at every load and its files are replaced atomically, so a worker sees the old or the new map of a
+case. Batches the workers prepared before a pseudo-label refresh (closed loop, METHODS.md §4.5) still carry the old
+maps: the trainer restarts its unlabeled loader after a refresh (`SemiSupervisedTrainer.restart_unlabeled_loader`).
 A case without a pseudo-label gets `q = 0, conf = 0` (its KD term is skipped).
 """
 from __future__ import annotations

@@ -74,15 +74,22 @@ def _import_classes(kwargs: dict, req_import: set) -> dict:
     return out
 
 
-def build_kd_student(configuration_manager, num_input_channels: int, num_output_channels: int) -> tuple[nn.Module, str]:
-    """(StandardizedTinyMUNet for this configuration, one-line description for the training log). No deep supervision
-    (METHODS.md §1.3: Tiny-MUNet has a single output)."""
-    kwargs, planned = tiny_munet_kwargs_from_plans(configuration_manager)
+def build_kd_student(configuration_manager, num_input_channels: int, num_output_channels: int) -> nn.Module:
+    """StandardizedTinyMUNet for this configuration, initialised. No deep supervision (METHODS.md §1.3: Tiny-MUNet
+    has a single output)."""
+    kwargs, _ = tiny_munet_kwargs_from_plans(configuration_manager)
     net = StandardizedTinyMUNet(num_input_channels, num_output_channels, deep_supervision=False, **kwargs)
     net.apply(TinyMUNet.initialize)
-    n_params = sum(p.numel() for p in net.parameters())
+    return net
+
+
+def describe_kd_student(configuration_manager, network: nn.Module, num_input_channels: int,
+                        num_output_channels: int) -> str:
+    """One line for the training log: which TinyMUNet the plans gave `network` (built by `build_kd_student`)."""
+    kwargs, planned = tiny_munet_kwargs_from_plans(configuration_manager)
+    n_params = sum(p.numel() for p in network.parameters())
     where = "the planned TinyMUNet (nnUNetPlans_TinyMUNet)" if planned else (
         f"TinyMUNet in place of the planned {configuration_manager.network_arch_class_name.split('.')[-1]}, with the "
         f"paper channel plan on its first {len(kwargs['features_per_stage'])} strides")
-    return net, (f"student: {where}; patch {list(configuration_manager.patch_size)}, {num_input_channels} input "
-                 f"channels, {num_output_channels} outputs, {n_params:,} parameters, per-image z-scored input")
+    return (f"student: {where}; patch {list(configuration_manager.patch_size)}, {num_input_channels} input "
+            f"channels, {num_output_channels} outputs, {n_params:,} parameters, per-image z-scored input")

@@ -63,8 +63,8 @@ class ClosedLoopTargets:
         return generate_pseudolabels(
             self.teacher, cases, self.labeled_folder, params, self.normalization_schemes, self.intensity_properties,
             mask_fn=lambda case, data, seg: seg[0] > 0, progress=self.progress,
-            run_info={"stage": "labeled GT-box targets (METHODS.md §4.5)"}, overwrite=True
-            if self._stale_manifest(self.labeled_folder, params) else False)
+            run_info={"stage": "labeled GT-box targets (METHODS.md §4.5)"},
+            overwrite=self._stale_manifest(self.labeled_folder, params))
 
     def refresh(self, cases: Sequence[CaseSource], predict_foreground: PredictFn, round_index: int) -> dict[str, int]:
         """Round `round_index`: student boxes -> MedSAM for every unlabeled case, replacing the previous maps.

@@ -7,20 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import kill_after_first_checkpoint, run_cmd, with_results
+from conftest import kill_after_first_checkpoint, run_cmd, trainer_from_checkpoint, training_log, with_results
 
 TRAINER = "MeanTeacherTrainer_smoke"
-
-
-def _log(folder: Path) -> str:
-    return "\n".join(p.read_text() for p in sorted(folder.glob("training_log_*.txt")))
 
 
 def test_train_predict_evaluate(tiny2d, tmp_path):
     env = with_results(tiny2d, tmp_path / "results")
     run_cmd(["nnUNetv2_train", "990", "2d", "0", "-tr", TRAINER, "-device", "cpu"], env)
     fold = tmp_path / "results" / "Dataset990_SynthRGB" / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
-    log = _log(fold)
+    log = training_log(fold)
     assert "Unlabeled loader: 6 cases" in log
     terms = re.findall(r"loss terms: supervised ([\d.e+-]+) \(w 1\), consistency ([\d.e+-]+) \(w ([\d.e+-]+)\)", log)
     assert len(terms) == 2, log
@@ -56,19 +52,14 @@ def test_kill_and_resume_restores_ema(tiny2d, tmp_path, monkeypatch):
     saved_sum = sum(float(v.double().sum()) for v in saved["semisam"]["ema_teacher"].values())
 
     # in-process: loading the checkpoint restores exactly the saved EMA weights and step
-    for k, v in env.items():
-        if k.startswith("nnUNet_"):
-            monkeypatch.setenv(k, v)
-    from nnunetv2.run.run_training import get_trainer_from_args
-    trainer = get_trainer_from_args("990", "2d", 0, TRAINER, device=torch.device("cpu"))
-    trainer.load_checkpoint(str(latest))
+    trainer = trainer_from_checkpoint(env, monkeypatch, "990", TRAINER, latest)
     for k, v in saved["semisam"]["ema_teacher"].items():
         assert torch.equal(trainer.ema.model.state_dict()[k], v)
     assert trainer.global_step == 10
 
     # the real resume
     run_cmd(cmd + ["--c"], env)
-    log = _log(fold)
+    log = training_log(fold)
     assert "Restored MeanTeacherTrainer_smoke state at t_it=10" in log
     restored = float(re.search(r"EMA teacher restored \(sum of weights ([\d.e+-]+)\)", log).group(1))
     assert restored == pytest.approx(saved_sum, rel=1e-9)

@@ -7,14 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import kill_after_first_checkpoint, run_cmd, with_results
+from conftest import kill_after_first_checkpoint, run_cmd, trainer_from_checkpoint, training_log, with_results
 
 TRAINER = "MedSAMMambaKDTrainer_smoke"
 TERMS = ("supervised", "kd_l", "rd_l", "fbvm_l", "kd_u", "rd_u", "fbvm_u")
-
-
-def _log(folder: Path) -> str:
-    return "\n".join(p.read_text() for p in sorted(folder.glob("training_log_*.txt")))
 
 
 def _terms(log: str) -> list[dict[str, tuple[float, float]]]:
@@ -42,7 +38,7 @@ def _predict_and_evaluate(env: dict, tmp_path: Path, plans: str) -> dict:
 
 
 def _check_training(fold: Path, student_line: str) -> None:
-    log = _log(fold)
+    log = training_log(fold)
     assert student_line in log, log
     assert "Unlabeled loader: 6 cases" in log
     assert "labeled teacher targets from GT boxes: 4 computed" in log  # 6 labeled, 5-fold: 4 or 5 in training
@@ -104,12 +100,7 @@ def test_kill_and_resume_restores_projectors_round_and_optimizer(tiny2d, tmp_pat
     assert saved["current_epoch"] == 1 and saved["semisam"]["pseudolabel_round"] == 0
 
     # in-process: the checkpoint restores projectors, round, polarity and the optimizer (momentum of projectors too)
-    for k, v in env.items():
-        if k.startswith("nnUNet_"):
-            monkeypatch.setenv(k, v)
-    from nnunetv2.run.run_training import get_trainer_from_args
-    trainer = get_trainer_from_args("990", "2d", 0, TRAINER, device=torch.device("cpu"))
-    trainer.load_checkpoint(str(latest))
+    trainer = trainer_from_checkpoint(env, monkeypatch, "990", TRAINER, latest)
     for k, v in saved["semisam"]["projector"].items():
         assert torch.equal(trainer.projector.state_dict()[k], v)
     assert trainer.pl_round == 0 and trainer.polarity == saved["semisam"]["polarity"]
@@ -125,7 +116,7 @@ def test_kill_and_resume_restores_projectors_round_and_optimizer(tiny2d, tmp_pat
     assert opt["param_groups"][1]["weight_decay"] == 0 and opt["param_groups"][0]["weight_decay"] == 3e-5
 
     run_cmd(cmd + ["--c"], env)
-    log = _log(fold)
+    log = training_log(fold)
     restored = float(re.search(r"restored pseudo-label round 0, FBVM polarity .*projectors \(sum of weights "
                                r"([\d.e+-]+)\)", log).group(1))
     assert restored == pytest.approx(sum(float(v.double().sum()) for v in saved["semisam"]["projector"].values()),
