@@ -16,8 +16,10 @@ MedSAM teacher (§2), on the labeled cases and the dataset's `imagesUnlabeled/`:
   where L_sup is nnU-Net's DC+CE on the labeled masks (`use_gt_supervision`, on by default; the paper-literal
   box-only setting is `MedSAMMambaKDTrainer_boxOnly`, METHODS.md §4.4). During `init_epochs` warm-up epochs only
   L_l (+ L_sup) is used.
-- FPKDM teacher features come from the fast path (§2.6: min-max, resize to 1024², no grad, bf16 on CUDA) on the
-  student's augmented batch; projectors P_l (grouped linear, dropout 0.1) are trained with the student.
+- FPKDM teacher features come from the fast path (§2.6: min-max, resize, no grad, bf16 on CUDA) on the student's
+  augmented batch; projectors P_l (grouped linear, dropout 0.1) are trained with the student. The resize goes to
+  16 x the student's F1 grid (1024² at the paper's 256² input; 256² for 64² patches), not always 1024²
+  (`fpkdm_teacher_size`; `MedSAMMambaKDTrainer_teacher1024` keeps 1024²).
 - Closed loop (§4.5): GT-box targets for labeled cases at start; at joint epochs `pl_start`, then every `pl_every`,
   the student predicts every unlabeled image (nnU-Net's sliding-window predictor), boxes are extracted and MedSAM
   re-segments from cached embeddings (`nnunet_semisam.teachers.closed_loop`). The round number is logged and saved in
@@ -101,7 +103,7 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
         self.teacher_weights = "medsam"  # medsam | sam
         self.teacher_checkpoint: str | None = None  # None: $SEMISAM_TEACHER, else the embedded teacher
         self.teacher_channel = 0
-        self.teacher_input_size = SAM_SIZE
+        self.teacher_input_size: int | str = "auto"  # FPKDM fast path side; "auto": see `fpkdm_teacher_size`
         # §4.6 optimisation
         self.initial_lr = 1e-2  # nnU-Net's; the paper's 1e-3 + cosine is `_paperOptim` (module docstring)
         self.weight_decay = 3e-5
@@ -111,6 +113,7 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
 
         self.teacher: MedSAMTeacher | None = None
         self.projector: FeatureProjector | None = None
+        self.teacher_size = SAM_SIZE
         self.targets: ClosedLoopTargets | None = None
         self.polarity: list[float] | None = None
         self.pl_round = 0
@@ -159,13 +162,29 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
             _, feats = self.network(probe, return_features=True)
             self.network.train(was_training)
         levels = min(len(feats), len(self.teacher.tap_blocks))
+        self.teacher_size = self.fpkdm_teacher_size(tuple(feats[0].shape[2:]))
         teacher_dim = self.teacher.sam.image_encoder.patch_embed.proj.out_channels
         self.projector = FeatureProjector(teacher_dim, [f.shape[1] for f in feats[:levels]],
                                           [tuple(f.shape[2:]) for f in feats[:levels]],
                                           dropout=self.projector_dropout).to(self.device)
         n_aux = sum(p.numel() for p in self.projector.parameters())
         self.print_to_log_file(f"FPKDM: {levels} levels, student grids {[tuple(f.shape[2:]) for f in feats[:levels]]}"
-                               f", projector parameters {n_aux:,} (not part of the student)")
+                               f", projector parameters {n_aux:,} (not part of the student); teacher fast path at "
+                               f"{self.teacher_size}² (teacher_input_size {self.teacher_input_size!r})")
+
+    def fpkdm_teacher_size(self, f1_grid: tuple[int, ...]) -> int:
+        """Side of the square teacher input on the FPKDM fast path (METHODS.md §2.6, §4.1).
+
+        An int `teacher_input_size` is used as given (1024 = MedSAM's native side, `_teacher1024`). "auto" (default)
+        picks the smallest side whose token grid is as fine as the student's F1: ViT patch side x max(F1 grid), at
+        most 1024. At the paper's 256² input (F1 64²) that is exactly MedSAM's 1024² (64² tokens, no pooling); for
+        smaller patches the ViT runs on fewer tokens (position embeddings interpolated) instead of computing 64²
+        tokens that the projector would average-pool away: at 64² patches, 256² and ~10x less teacher time.
+        """
+        if self.teacher_input_size != "auto":
+            return int(self.teacher_input_size)
+        patch = int(self.teacher.sam.image_encoder.patch_embed.proj.kernel_size[0])
+        return min(SAM_SIZE, patch * max(int(g) for g in f1_grid))
 
     def configure_optimizers(self):
         """SGD(momentum 0.99, nesterov, wd 3e-5; A_log and D without decay, §4.6) over student and projectors;
@@ -288,7 +307,7 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
         levels = len(self.projector.levels)
         taps_idx = tuple(self.teacher.tap_blocks[:levels])
         taps = [t.float() for t in self.teacher.fast_features(x.detach(), self.teacher_channels, taps_idx,
-                                                             self.teacher_input_size)]
+                                                             self.teacher_size)]
 
         def reinject_teacher(t1: torch.Tensor) -> list[torch.Tensor]:
             with torch.no_grad(), self._teacher_autocast():
@@ -394,6 +413,9 @@ MedSAMMambaKDTrainer_noFBVM = variant(
 MedSAMMambaKDTrainer_SAM = variant(
     "MedSAMMambaKDTrainer_SAM", 'Table 5 ablation "w/o MedSAM": the original SAM ViT-B from $SEMISAM_SAM_CHECKPOINT '
     "as teacher.", teacher_weights="sam")
+MedSAMMambaKDTrainer_teacher1024 = variant(
+    "MedSAMMambaKDTrainer_teacher1024", "FPKDM teacher features always at MedSAM's native 1024² (METHODS.md §2.6), "
+    "whatever the patch size (the default adapts it to the student's F1 grid).", teacher_input_size=SAM_SIZE)
 MedSAMMambaKDTrainer_fbvmValidNone = variant(
     "MedSAMMambaKDTrainer_fbvmValidNone", "FBVM over every pixel (no padding mask, METHODS.md §4.7).",
     fbvm_valid_mask="none")

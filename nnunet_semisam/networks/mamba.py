@@ -90,6 +90,16 @@ def _finish(y: torch.Tensor, u: torch.Tensor, D: Optional[torch.Tensor], z: Opti
     return out.to(dtype)
 
 
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    """`log(1 + exp(x))` as `max(x, 0) + log2(1 + 2^(-|x| log2 e)) ln 2`: the same values as `F.softplus` to ~5e-7
+    absolute (its threshold-20 linear branch included), about 4x faster on CPU, where F.softplus and log1p are not
+    vectorised (~12 ns per element). Differentiable (gradient sigmoid(x), except at exactly x = 0)."""
+    e = torch.exp2(x.abs() * -_LOG2_E)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.log2(e + 1) * (1 / _LOG2_E) + x.clamp_min(0)
+    return torch.log2(e.add_(1)).mul_(1 / _LOG2_E).add_(x.clamp_min(0))
+
+
 def selective_scan_sequential(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                               C: torch.Tensor, D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                               delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
@@ -236,7 +246,7 @@ def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor
     if delta_bias is not None:
         delta = delta + delta_bias[..., None].float()
     if delta_softplus:
-        delta = F.softplus(delta)
+        delta = _softplus(delta)
     b, d, L = u.shape
     T = max(1, min(chunk_size or _auto_chunk_size(L), L))
     A2 = (A.float() * _LOG2_E)[None, :, :, None]  # exp(delta A) = exp2(delta A log2(e)); exp2 is ~5x faster on CPU
@@ -320,7 +330,7 @@ def _scan_blocked_nograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, re
         if delta_bias is not None:
             dl = dl + delta_bias[d0:d1, None].float()
         if delta_softplus:
-            dl = F.softplus(dl)
+            dl = _softplus(dl)
         ub = u[:, d0:d1].float()
         delta_s = _steps_first(dl, T).unsqueeze(-2)  # (T, b, n, 1, nc)
         du_s = _steps_first(dl * ub, T).unsqueeze(-2)
@@ -545,7 +555,7 @@ class Mamba(nn.Module):
             x.add_(self.conv1d.bias)
         x = F.silu(x, inplace=True)  # (2B, L, E)
         x_dbl = F.linear(x, self.x_proj.weight)  # (2B, L, r + 2N)
-        delta = F.softplus(torch.addmm(self.dt_proj.bias.float(), x_dbl[..., :r].reshape(-1, r),
+        delta = _softplus(torch.addmm(self.dt_proj.bias.float(), x_dbl[..., :r].reshape(-1, r),
                                        self.dt_proj.weight.t()).reshape(2 * b, L, E))
         A2 = (-torch.exp(self.A_log.float()) * _LOG2_E).t().contiguous()  # (N, E)
         y = _scan_tokens_nograd(delta, delta * x, A2, x_dbl[..., r:r + N], x_dbl[..., r + N:])

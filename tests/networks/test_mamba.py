@@ -318,3 +318,15 @@ def test_mamba_bidirectional_nograd_token_major_matches_reference(L):
         y_ref = selective_scan_sequential(u.transpose(1, 2), delta.transpose(1, 2), A, Bm.transpose(1, 2),
                                           Cm.transpose(1, 2))
         _close(y.transpose(1, 2), y_ref)
+
+
+def test_fast_softplus_matches_torch_values_and_gradient():
+    from nnunet_semisam.networks.mamba import _softplus
+
+    x = torch.cat([torch.linspace(-60, 60, 2001), torch.tensor([-1e-3, 1e-3, 19.9, 20.1, 88.0])]).double()
+    ref = torch.nn.functional.softplus(x.float())
+    with torch.no_grad():
+        assert torch.allclose(_softplus(x.float()), ref, rtol=1e-6, atol=6e-7)
+    xg = x.float().clone().requires_grad_()
+    _softplus(xg).sum().backward()
+    assert torch.allclose(xg.grad, torch.sigmoid(x.float()), atol=1e-6)
