@@ -155,14 +155,16 @@ def _linear_recurrence(a: torch.Tensor, x: torch.Tensor, chunk_size: int) -> tor
     Used for the per-chunk carries of `selective_scan_chunked` (L = number of chunks). Inside each chunk of
     `chunk_size` steps the recurrence runs step by step, vectorised over all chunks, together with the running decay
     product `P_t = a_t ... a_{t0}`; the state entering each chunk obeys the same recurrence over chunks (decay
-    `P_end`, input `s_end`), solved by recursion; then `s_t = s_local_t + P_t * carry`.
+    `P_end`, input `s_end`), solved by recursion; then `s_t = s_local_t + P_t * carry`. Steps are taken with
+    `unbind` (one stacked gradient in backward, see `_scan_steps`).
     """
     M, L, N = x.shape
     if L <= chunk_size:
-        s = x[:, 0]
+        xs, As = x.unbind(1), a.unbind(1)
+        s = xs[0]
         states = [s]
         for t in range(1, L):
-            s = torch.addcmul(x[:, t], a[:, t], s)
+            s = torch.addcmul(xs[t], As[t], s)
             states.append(s)
         return torch.stack(states, dim=1)
     n_chunks = -(-L // chunk_size)
@@ -170,13 +172,13 @@ def _linear_recurrence(a: torch.Tensor, x: torch.Tensor, chunk_size: int) -> tor
     if pad:  # identity steps at the end: decay 1, input 0
         a = F.pad(a, (0, 0, 0, pad), value=1.0)
         x = F.pad(x, (0, 0, 0, pad), value=0.0)
-    a = a.reshape(M, n_chunks, chunk_size, N)
-    x = x.reshape(M, n_chunks, chunk_size, N)
-    s, p = x[:, :, 0], a[:, :, 0]
+    xs = x.reshape(M, n_chunks, chunk_size, N).unbind(2)
+    As = a.reshape(M, n_chunks, chunk_size, N).unbind(2)
+    s, p = xs[0], As[0]
     local, decay = [s], [p]
     for t in range(1, chunk_size):
-        s = torch.addcmul(x[:, :, t], a[:, :, t], s)
-        p = p * a[:, :, t]
+        s = torch.addcmul(xs[t], As[t], s)
+        p = p * As[t]
         local.append(s)
         decay.append(p)
     ends = _linear_recurrence(decay[-1], local[-1], chunk_size)  # true state at the end of each chunk
@@ -261,11 +263,6 @@ def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor
     return (out, last) if return_last_state else out
 
 
-def _step_inputs(delta_s, du_s, A2, B_s, t: int):
-    """(decay exp(delta_t A), input delta_t B_t u_t) of step t for all chunks, each (b, d, N, nc)."""
-    return torch.exp2(delta_s[t] * A2), du_s[t] * B_s[min(t, B_s.shape[0] - 1)]
-
-
 def _carry_in(chunk_decay: torch.Tensor, ends_local: torch.Tensor) -> torch.Tensor:
     """State entering each chunk (b, d, N, nc) from the zero-start chunk-end states, by the recurrence over chunks."""
     b, d, N, nc = ends_local.shape
@@ -275,18 +272,26 @@ def _carry_in(chunk_decay: torch.Tensor, ends_local: torch.Tensor) -> torch.Tens
 
 
 def _scan_steps(delta_s, du_s, A2, B_s, C_s, chunk_decay):
-    """Both passes with out-of-place ops (autograd). Returns y (b, d, nc, T) and the last state (b, d, N)."""
+    """Both passes with out-of-place ops (autograd). Returns y (b, d, nc, T) and the last state (b, d, N).
+
+    The step-major inputs are split with `unbind` once: its backward stacks the T step gradients in one op, where
+    indexing `x[t]` in the loop would make autograd build and sum T zero-padded full-size gradients (O(T^2) work).
+    Decays and inputs of each step are computed once and reused by pass 2.
+    """
     T = delta_s.shape[0]
-    s = None
-    for t in range(T):  # pass 1: chunk-end states from a zero start
-        a_t, x_t = _step_inputs(delta_s, du_s, A2, B_s, t)
-        s = x_t if s is None else torch.addcmul(x_t, a_t, s)
+    deltas, dus = delta_s.unbind(0), du_s.unbind(0)
+    Bs = B_s.unbind(0) if B_s.shape[0] > 1 else [B_s[0]] * T
+    Cs = C_s.unbind(0) if C_s.shape[0] > 1 else [C_s[0]] * T
+    decays = [torch.exp2(deltas[t] * A2) for t in range(T)]  # exp(delta_t A), each (b, d, N, nc)
+    inputs = [dus[t] * Bs[t] for t in range(T)]  # delta_t B_t u_t
+    s = inputs[0]
+    for t in range(1, T):  # pass 1: chunk-end states from a zero start
+        s = torch.addcmul(inputs[t], decays[t], s)
     s = _carry_in(chunk_decay, s)
     ys = []
     for t in range(T):  # pass 2: exact states, read out on the fly
-        a_t, x_t = _step_inputs(delta_s, du_s, A2, B_s, t)
-        s = torch.addcmul(x_t, a_t, s)
-        ys.append((s * C_s[min(t, C_s.shape[0] - 1)]).sum(-2))
+        s = torch.addcmul(inputs[t], decays[t], s)
+        ys.append((s * Cs[t]).sum(-2))
     return torch.stack(ys, dim=-1), s[..., -1]
 
 
