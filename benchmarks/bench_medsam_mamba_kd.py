@@ -10,15 +10,16 @@ with `TinyMUNetPlanner`, so every run trains the same Tiny-MUNet. Runs, all thro
 3. `MedSAMMambaKDTrainer_boxOnly_<s>` on B (paper-literal: labels as boxes only; `--no-box-only` skips it)
 4. `MedSAMMambaKDTrainer_paperOptim_<s>` on B (the paper's lr 1e-3 + cosine instead of the default nnU-Net lr 1e-2
    + poly; `--no-optim` skips it)
-   (`--ablations`: `MedSAMMambaKDTrainer_noFBVM_<s>`, `_noFPKDM_<s>` on B, the paper's table 5 switches)
+   (`--ablations`: `MedSAMMambaKDTrainer_noFBVM_<s>`, `_noFPKDM_<s>` on B, the paper's table 5 switches;
+   `--teacher-f1`: `MedSAMMambaKDTrainer_teacherF1_<s>`, FPKDM teacher features at 16 x the F1 grid)
 5. `nnUNetTrainer_<s>` on A (every training case labeled)                 -> the fully labeled reference
 
 Test-set Dice / HD95 (`nnunet-semisam evaluate`) are printed as a Markdown table and written to `<out>/kd_accuracy.md`
 and `.json`. Re-running resumes (finished runs are skipped).
 
-Cost (`cost`): `MedSAMMambaKDTrainer` vs `nnUNetTrainer` on the same TinyMUNet plans and data, in one process,
-interleaved blocks of 5 training steps each, median ms per iteration and the ratio; peak memory of each trainer in a
-fresh process of its own: the peak resident set size sampled during its first 3 steps minus the RSS of the ready
+Cost (`cost`): `MedSAMMambaKDTrainer` and `_teacherF1` vs `nnUNetTrainer` on the same TinyMUNet plans and data, in
+one process, interleaved blocks of 5 training steps each, median ms per iteration and the ratios; peak memory of each
+trainer in a fresh process of its own: the peak resident set size sampled during its first 3 steps minus the RSS of the ready
 trainer (network, teacher, loaders) before them.
 
     python benchmarks/bench_medsam_mamba_kd.py accuracy [--out DIR] [--num-train 60] [--size 64] [--contrast 0.5]
@@ -121,6 +122,8 @@ def accuracy(a: argparse.Namespace) -> None:
     if a.ablations:
         runs += [(f"MedSAMMambaKDTrainer_{x}", SPLIT_ID, split, f"MedSAMMambaKDTrainer_{x}_{s}")
                  for x in ("noFBVM", "noFPKDM")]
+    if a.teacher_f1:
+        runs.append(("MedSAMMambaKDTrainer_teacherF1", SPLIT_ID, split, f"MedSAMMambaKDTrainer_teacherF1_{s}"))
     runs.append(("nnUNetTrainer (fully labeled)", FULL_ID, full, f"nnUNetTrainer_{s}"))
     rows = []
     for label, did, raw, trainer in runs:
@@ -217,7 +220,7 @@ def cost(a: argparse.Namespace) -> None:
     os.environ.update(nn_env)
     a.num_train, a.num_test, a.fraction = 30, 0, 1 / 3
     _make_datasets(root, env, a, root / "bench.log")
-    names = ("nnUNetTrainer", "MedSAMMambaKDTrainer")
+    names = ("nnUNetTrainer", "MedSAMMambaKDTrainer", "MedSAMMambaKDTrainer_teacherF1")
     peak = {}
     for name in names:
         peak[name] = step_memory_mb(name, nn_env)
@@ -233,18 +236,19 @@ def cost(a: argparse.Namespace) -> None:
         trainers[name] = ready_for_steps(
             get_trainer_from_args(str(SPLIT_ID), "2d", 0, name, PLANS, device=torch.device("cpu")))
     times = interleaved_step_times(trainers, a.iters)
-    base = statistics.median(times["nnUNetTrainer"])
-    kd = statistics.median(times["MedSAMMambaKDTrainer"])
+    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    base = ms["nnUNetTrainer"]
     bs = trainers["nnUNetTrainer"].batch_size
     n_proj = sum(p.numel() for p in trainers["MedSAMMambaKDTrainer"].projector.parameters())
     print(f"{a.size}x{a.size} RGB, TinyMUNet plans, batch {bs} labeled (+{bs} unlabeled for KD), embedded teacher, "
           f"{a.threads} threads, median of {len(times['nnUNetTrainer'])} iterations; peak memory = peak RSS above "
-          f"the ready trainer during 3 steps, in a fresh process each")
-    print(f"nnUNetTrainer        {base * 1000:8.1f} ms/iteration, peak step memory {peak['nnUNetTrainer']:7.1f} MB")
-    print(f"MedSAMMambaKDTrainer {kd * 1000:8.1f} ms/iteration, peak step memory "
-          f"{peak['MedSAMMambaKDTrainer']:7.1f} MB (FPKDM projectors {n_proj:,} parameters)")
-    print(f"ratio MedSAMMambaKDTrainer / nnUNetTrainer = {kd / base:.2f} (target <= 2.5); peak memory ratio "
-          f"{peak['MedSAMMambaKDTrainer'] / max(peak['nnUNetTrainer'], 1e-9):.2f}")
+          f"the ready trainer during 3 steps, in a fresh process each; FPKDM projectors {n_proj:,} parameters")
+    for name in names:
+        side = "" if name == "nnUNetTrainer" else f", FPKDM teacher side {trainers[name].teacher_size}"
+        print(f"{name:32s} {ms[name]:8.1f} ms/iteration, peak step memory {peak[name]:7.1f} MB{side}")
+    for name in names[1:]:
+        print(f"ratio {name} / nnUNetTrainer = {ms[name] / base:.2f} (target <= 2.5); peak memory ratio "
+              f"{peak[name] / max(peak['nnUNetTrainer'], 1e-9):.2f}")
     sys.stdout.flush()
     os._exit(0)  # background augmenter workers exit with the process
 
@@ -267,6 +271,8 @@ def main() -> None:
             p.add_argument("--no-optim", dest="optim", action="store_false",
                            help="skip the run with the paper's optimiser (lr 1e-3, cosine)")
             p.add_argument("--ablations", action="store_true", help="also the no-FBVM and no-FPKDM ablations")
+            p.add_argument("--teacher-f1", action="store_true",
+                           help="also FPKDM teacher features at 16 x the student's F1 grid instead of 1024²")
         else:
             p.add_argument("--iters", type=int, default=20)
             p.add_argument("--threads", type=int, default=2)

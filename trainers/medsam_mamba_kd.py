@@ -16,10 +16,10 @@ MedSAM teacher (§2), on the labeled cases and the dataset's `imagesUnlabeled/`:
   where L_sup is nnU-Net's DC+CE on the labeled masks (`use_gt_supervision`, on by default; the paper-literal
   box-only setting is `MedSAMMambaKDTrainer_boxOnly`, METHODS.md §4.4). During `init_epochs` warm-up epochs only
   L_l (+ L_sup) is used.
-- FPKDM teacher features come from the fast path (§2.6: min-max, resize, no grad, bf16 on CUDA) on the student's
-  augmented batch; projectors P_l (grouped linear, dropout 0.1) are trained with the student. The resize goes to
-  16 x the student's F1 grid (1024² at the paper's 256² input; 256² for 64² patches), not always 1024²
-  (`fpkdm_teacher_size`; `MedSAMMambaKDTrainer_teacher1024` keeps 1024²).
+- FPKDM teacher features come from the fast path (§2.6: min-max, resize to 1024², no grad, bf16 on CUDA) on the
+  student's augmented batch; projectors P_l (grouped linear, dropout 0.1) are trained with the student.
+  `MedSAMMambaKDTrainer_teacherF1` resizes to 16 x the student's F1 grid instead (faster for small patches,
+  `fpkdm_teacher_size`).
 - Closed loop (§4.5): GT-box targets for labeled cases at start; at joint epochs `pl_start`, then every `pl_every`,
   the student predicts every unlabeled image (nnU-Net's sliding-window predictor), boxes are extracted and MedSAM
   re-segments from cached embeddings (`nnunet_semisam.teachers.closed_loop`). The round number is logged and saved in
@@ -103,7 +103,7 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
         self.teacher_weights = "medsam"  # medsam | sam
         self.teacher_checkpoint: str | None = None  # None: $SEMISAM_TEACHER, else the embedded teacher
         self.teacher_channel = 0
-        self.teacher_input_size: int | str = "auto"  # FPKDM fast path side; "auto": see `fpkdm_teacher_size`
+        self.teacher_input_size: int | str = SAM_SIZE  # FPKDM fast path side; "f1": see `fpkdm_teacher_size`
         # §4.6 optimisation
         self.initial_lr = 1e-2  # nnU-Net's; the paper's 1e-3 + cosine is `_paperOptim` (module docstring)
         self.weight_decay = 3e-5
@@ -175,13 +175,15 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
     def fpkdm_teacher_size(self, f1_grid: tuple[int, ...]) -> int:
         """Side of the square teacher input on the FPKDM fast path (METHODS.md §2.6, §4.1).
 
-        An int `teacher_input_size` is used as given (1024 = MedSAM's native side, `_teacher1024`). "auto" (default)
-        picks the smallest side whose token grid is as fine as the student's F1: ViT patch side x max(F1 grid), at
-        most 1024. At the paper's 256² input (F1 64²) that is exactly MedSAM's 1024² (64² tokens, no pooling); for
-        smaller patches the ViT runs on fewer tokens (position embeddings interpolated) instead of computing 64²
-        tokens that the projector would average-pool away: at 64² patches, 256² and ~10x less teacher time.
+        An int `teacher_input_size` is used as given: default 1024, MedSAM's native side, so that the teacher sees
+        the image at the scale of its pseudo-label pipeline. "f1" (`MedSAMMambaKDTrainer_teacherF1`) picks the
+        smallest side whose token grid is as fine as the student's F1: ViT patch side x max(F1 grid), at most 1024.
+        At the paper's 256² input (F1 64²) both are 1024²; for smaller patches "f1" runs the ViT on fewer tokens
+        (position embeddings interpolated) instead of computing 64² tokens that the projector average-pools: at 64²
+        patches 256², ~7x less teacher time, but the teacher then sees the image at 1/4 of the scale it segments
+        at, and measured ~2.5 Dice points worse (README, KD benchmark).
         """
-        if self.teacher_input_size != "auto":
+        if self.teacher_input_size != "f1":
             return int(self.teacher_input_size)
         patch = int(self.teacher.sam.image_encoder.patch_embed.proj.kernel_size[0])
         return min(SAM_SIZE, patch * max(int(g) for g in f1_grid))
@@ -413,9 +415,9 @@ MedSAMMambaKDTrainer_noFBVM = variant(
 MedSAMMambaKDTrainer_SAM = variant(
     "MedSAMMambaKDTrainer_SAM", 'Table 5 ablation "w/o MedSAM": the original SAM ViT-B from $SEMISAM_SAM_CHECKPOINT '
     "as teacher.", teacher_weights="sam")
-MedSAMMambaKDTrainer_teacher1024 = variant(
-    "MedSAMMambaKDTrainer_teacher1024", "FPKDM teacher features always at MedSAM's native 1024² (METHODS.md §2.6), "
-    "whatever the patch size (the default adapts it to the student's F1 grid).", teacher_input_size=SAM_SIZE)
+MedSAMMambaKDTrainer_teacherF1 = variant(
+    "MedSAMMambaKDTrainer_teacherF1", "Faster FPKDM teacher features: input side 16 x the student's F1 grid instead "
+    "of 1024² (`fpkdm_teacher_size`; the same at the paper's 256² input).", teacher_input_size="f1")
 MedSAMMambaKDTrainer_fbvmValidNone = variant(
     "MedSAMMambaKDTrainer_fbvmValidNone", "FBVM over every pixel (no padding mask, METHODS.md §4.7).",
     fbvm_valid_mask="none")
@@ -452,6 +454,9 @@ MedSAMMambaKDTrainer_noFBVM_demo = variant(
 MedSAMMambaKDTrainer_noFPKDM_demo = variant(
     "MedSAMMambaKDTrainer_noFPKDM_demo", "The no-FPKDM ablation on the demo schedule (benchmark).",
     MedSAMMambaKDTrainer_demo, use_fpkdm=False)
+MedSAMMambaKDTrainer_teacherF1_demo = variant(
+    "MedSAMMambaKDTrainer_teacherF1_demo", "The faster F1-grid teacher side on the demo schedule (benchmark).",
+    MedSAMMambaKDTrainer_demo, teacher_input_size="f1")
 MedSAMMambaKDTrainer_boxOnly_demo = variant(
     "MedSAMMambaKDTrainer_boxOnly_demo", "The box-only setting (METHODS.md §4.4) on the demo schedule "
     "(benchmarks/bench_medsam_mamba_kd.py).", MedSAMMambaKDTrainer_demo, use_gt_supervision=False)

@@ -111,18 +111,18 @@ def test_student_kwargs_from_default_plans_and_refusals():
 
 
 def test_fpkdm_teacher_size_follows_the_student_f1_grid():
-    """`teacher_input_size="auto"`: ViT patch x max(F1 grid), capped at MedSAM's 1024 (the paper's 256² -> 1024²)."""
+    """`teacher_input_size="f1"`: ViT patch x max(F1 grid), capped at MedSAM's 1024 (the paper's 256² -> 1024²)."""
     from types import SimpleNamespace
 
     from nnunet_semisam.trainers.medsam_mamba_kd import MedSAMMambaKDTrainer
 
     proj = SimpleNamespace(kernel_size=(16, 16))
     fake = SimpleNamespace(teacher=SimpleNamespace(sam=SimpleNamespace(image_encoder=SimpleNamespace(
-        patch_embed=SimpleNamespace(proj=proj)))), teacher_input_size="auto")
+        patch_embed=SimpleNamespace(proj=proj)))), teacher_input_size="f1")
     size = MedSAMMambaKDTrainer.fpkdm_teacher_size
     assert size(fake, (64, 64)) == 1024  # paper: 256² input, F1 64²
     assert size(fake, (16, 16)) == 256  # 64² patches
     assert size(fake, (12, 20)) == 320  # non-square: the finer side decides
     assert size(fake, (128, 128)) == 1024  # never above MedSAM's native side
-    fake.teacher_input_size = 1024  # `_teacher1024`
+    fake.teacher_input_size = 1024  # the default
     assert size(fake, (16, 16)) == 1024
