@@ -19,8 +19,8 @@ and `.json`. Re-running resumes (finished runs are skipped).
 
 Cost (`cost`): `MedSAMMambaKDTrainer` and `_teacherF1` vs `nnUNetTrainer` on the same TinyMUNet plans and data, in
 one process, interleaved blocks of 5 training steps each, median ms per iteration and the ratios; peak memory of each
-trainer in a fresh process of its own: the peak resident set size sampled during its first 3 steps minus the RSS of the ready
-trainer (network, teacher, loaders) before them.
+trainer in a fresh process of its own: the peak resident set size sampled during its first 3 steps minus the RSS of
+the ready trainer (network, teacher, loaders) before them.
 
     python benchmarks/bench_medsam_mamba_kd.py accuracy [--out DIR] [--num-train 60] [--size 64] [--contrast 0.5]
     python benchmarks/bench_medsam_mamba_kd.py cost [--size 64] [--iters 20] [--threads 2]
