@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser(
         "split-labels", help="keep a fraction/number of training cases labeled, move the rest to imagesUnlabeled",
-        description="Produce the papers' label ratios (10%%, 20%%; 4, 6, 8 labeled volumes) from a fully labeled raw "
+        description="Produce the papers' label ratios (10%, 20%; 4, 6, 8 labeled volumes) from a fully labeled raw "
                     "dataset: seeded and stratified by lesion size (lesion-free cases included), whole patients for "
                     "sliced 3D data. Unlabeled images go to imagesUnlabeled/, their labels to "
                     "labelsUnlabeled_heldout/ (never read by training); the plan is split_labels.json.")

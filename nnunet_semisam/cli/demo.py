@@ -14,7 +14,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole workflow on a synthetic 2D lesion dataset (CPU, < 10 min)",
-                       description="Make a synthetic 2D lesion dataset with 10%% labeled cases, plan and preprocess "
+                       description="Make a synthetic 2D lesion dataset with 10% labeled cases, plan and preprocess "
                                    "it with nnU-Net, train the supervised baseline and the semi-supervised trainers "
                                    "on short schedules with the real nnU-Net commands, predict the test set, "
                                    "evaluate, and print a comparison table. Re-running resumes.")
