@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -45,7 +44,7 @@ def main() -> None:
 
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
-    from step_timing import interleaved_step_times, ready_for_steps
+    from step_timing import exit_now, interleaved_step_times, ready_for_steps
 
     torch.set_num_threads(args.threads)
     trainers = {}
@@ -74,8 +73,7 @@ def main() -> None:
     print(f"ratio MeanTeacher / nnUNetTrainer = {np.median(times['MeanTeacherTrainer']) / base:.2f} at the default "
           f"B_l = B_u = B (target <= 1.6); {np.median(times['MeanTeacherTrainer B/2+B/2']) / base:.2f} at the same "
           f"total batch (B_l = B_u = B/2)")
-    sys.stdout.flush()
-    os._exit(0)  # background augmenter workers of both trainers exit with the process
+    exit_now()  # kills the augmenter workers of both trainers, which would outlive a plain os._exit
 
 
 if __name__ == "__main__":

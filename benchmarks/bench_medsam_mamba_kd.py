@@ -197,8 +197,9 @@ def _step_memory_child(dataset: str, trainer: str, env: dict, queue) -> None:
     queue.put(m.delta)
     queue.close()
     queue.join_thread()  # the value is sent before the hard exit below
-    sys.stdout.flush()
-    os._exit(0)  # loader workers exit with the process
+    from step_timing import exit_now
+
+    exit_now()  # kills the loader workers, which would outlive a plain os._exit
 
 
 def step_memory_mb(trainer: str, env: dict) -> float:
@@ -228,7 +229,7 @@ def cost(a: argparse.Namespace) -> None:
 
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
-    from step_timing import interleaved_step_times, ready_for_steps
+    from step_timing import exit_now, interleaved_step_times, ready_for_steps
 
     torch.set_num_threads(a.threads)
     trainers = {}
@@ -249,8 +250,7 @@ def cost(a: argparse.Namespace) -> None:
     for name in names[1:]:
         print(f"ratio {name} / nnUNetTrainer = {ms[name] / base:.2f} (target <= 2.5); peak memory ratio "
               f"{peak[name] / max(peak['nnUNetTrainer'], 1e-9):.2f}")
-    sys.stdout.flush()
-    os._exit(0)  # background augmenter workers exit with the process
+    exit_now()  # kills the background augmenter workers, which would outlive a plain os._exit
 
 
 def main() -> None:

@@ -49,21 +49,38 @@ def run_cmd(cmd: Sequence[str], env: dict[str, str], timeout: float = 900, check
     return proc
 
 
+def start_in_own_group(cmd: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start `cmd` (output discarded) as the leader of a new process group, for `kill_group`."""
+    return subprocess.Popen(list(cmd), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc` and every process of its group, then reap it: worker processes (nnU-Net's data augmentation,
+    preprocessing pools) outlive a killed parent otherwise and keep polling as orphans."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone
+        pass
+    proc.wait()
+
+
 def kill_after_first_checkpoint(cmd: Sequence[str], env: dict[str, str], fold: Path, timeout: float = 600) -> Path:
     """Start `nnUNetv2_train` (cmd), SIGKILL it once `fold/checkpoint_latest.pth` appears; return that path.
 
-    Asserts the run was killed before it finished (no `checkpoint_final.pth`).
+    Asserts the run was killed before it finished (no `checkpoint_final.pth`). The whole process group is killed,
+    the data-loading workers included.
     """
-    import signal
     import time
 
-    proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_in_own_group(cmd, env)
     latest = fold / "checkpoint_latest.pth"
     deadline = time.time() + timeout
     while time.time() < deadline and not latest.exists() and proc.poll() is None:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_group(proc)
     assert latest.exists() and not (fold / "checkpoint_final.pth").exists(), "killed after the epoch-0 checkpoint"
     return latest
 

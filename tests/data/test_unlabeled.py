@@ -1,8 +1,6 @@
 """Unlabeled cases: plans-exact preprocessing, resumable atomic writes, integrity check with one-line errors."""
 import json
 import shutil
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import numpy as np
 import SimpleITK as sitk
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-from conftest import make_preprocessed_dataset, run_cmd
+from conftest import kill_group, make_preprocessed_dataset, run_cmd, start_in_own_group
 
 
 def _dataset_dir(env, prefix="Dataset"):
@@ -48,13 +46,11 @@ def test_interrupted_run_leaves_only_complete_cases_and_resumes(tmp_path):
     env = make_preprocessed_dataset(tmp_path / "n", 991, num_labeled=5, num_unlabeled=40, num_test=1,
                                     shape=(64, 64), unlabeled=False)
     folder = Path(env["nnUNet_preprocessed"]) / "Dataset991_SynthRGB" / "nnUNetPlans_2d_unlabeled"
-    proc = subprocess.Popen(["nnunet-semisam", "preprocess-unlabeled", "-d", "991", "-c", "2d", "--quiet"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_in_own_group(["nnunet-semisam", "preprocess-unlabeled", "-d", "991", "-c", "2d", "--quiet"], env)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(folder.glob("*.pkl"))) < 3:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_group(proc)
     listed = nnUNetDatasetBlosc2.get_identifiers(str(folder))
     assert 0 < len(listed) < 40, "the kill should land mid-run"
     for case in listed:  # every listed case loads completely

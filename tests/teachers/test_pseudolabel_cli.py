@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import nnunet_env, run_cmd
+from conftest import kill_group, nnunet_env, run_cmd, start_in_own_group
 
 from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.teachers.pseudolabels import (CaseSource, load_pseudolabel, load_pseudolabel_checked, shard,
@@ -95,13 +94,12 @@ def test_kill_midway_then_resume_equals_clean_run(dataset):
     out = dataset["root"] / "killed"
     cmd = ["nnunet-semisam", "pseudolabel", "-d", str(DS), "-c", "2d", "--checkpoint",
            dataset["ckpt"], "--device", "cpu", "--quiet", *args, "-o", str(out)]
-    proc = subprocess.Popen(cmd, env=dataset["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_in_own_group(cmd, dataset["env"])
     t0 = time.time()
     while proc.poll() is None and len(list(out.glob("*.json"))) < 3 and time.time() - t0 < 300:  # manifest + 2
         time.sleep(0.05)
     killed = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_group(proc)
     n_before = len(list(out.glob("*.npz")))
     assert killed and 1 <= n_before < 7, "the run finished before it could be killed"
     for f in out.glob("*.npz"):          # whatever exists after the kill is complete and loadable
