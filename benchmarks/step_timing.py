@@ -1,6 +1,9 @@
 """Shared by the trainer benchmarks: warm-up and interleaved timing of nnU-Net training steps in one process."""
 from __future__ import annotations
 
+import multiprocessing
+import os
+import sys
 import time
 
 
@@ -33,10 +36,6 @@ def exit_now(code: int = 0) -> None:
     nnU-Net's augmenter workers poll their queues and survive a hard `os._exit` of their parent (found as ~1.6 %
     CPU orphans, dozens after a few benchmark runs, skewing later timings), so they are killed explicitly.
     """
-    import multiprocessing
-    import os
-    import sys
-
     for child in multiprocessing.active_children():
         child.kill()
     sys.stdout.flush()
