@@ -92,5 +92,9 @@ class EmbeddingCache:
             p.unlink(missing_ok=True)
             total -= size
 
+    def __contains__(self, key: str) -> bool:
+        """Whether `get(key)` would hit (no load, no counter change)."""
+        return key in self._mem or (self.folder is not None and self._file(key).is_file())
+
     def __len__(self) -> int:
         return len(self._mem) if self.folder is None else sum(1 for _ in self.folder.glob("*/*.pt"))

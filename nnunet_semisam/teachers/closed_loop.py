@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from nnunet_semisam.teachers.medsam import default_preprocess_workers
 from nnunet_semisam.teachers.pseudolabels import (CaseSource, PseudoLabelParams, generate_pseudolabels,
                                                   read_record)
 
@@ -35,11 +36,13 @@ class ClosedLoopTargets:
         normalization_schemes, intensity_properties: the plans configuration's, for rule U (METHODS.md §2.4).
         teacher_channel: channel the teacher sees for non-RGB data.
         box_min_area / max_boxes: §2.3 for student boxes (labeled GT boxes use `box_min_area = 1`, §4.5).
+        workers: threads for MedSAM's preprocessing of upcoming cases (default: the CPU cores, at most 8; the
+            training loop waits for a refresh, so its cores are free).
     """
 
     def __init__(self, teacher, root: str | os.PathLike, normalization_schemes: Sequence[str],
                  intensity_properties: dict | None = None, teacher_channel: int = 0, box_min_area: int = 10,
-                 max_boxes: int = 5, progress: bool = False):
+                 max_boxes: int = 5, progress: bool = False, workers: int | None = None):
         self.teacher = teacher
         self.root = Path(root)
         self.labeled_folder = self.root / "labeled"
@@ -50,6 +53,7 @@ class ClosedLoopTargets:
         self.box_min_area = box_min_area
         self.max_boxes = max_boxes
         self.progress = progress
+        self.workers = workers or default_preprocess_workers()
 
     def _params(self, prompt_source: str, box_min_area: int, extra: dict) -> PseudoLabelParams:
         return PseudoLabelParams(teacher="medsam", checkpoint_sha1=self.teacher.checkpoint_sha1 or "",
@@ -64,7 +68,7 @@ class ClosedLoopTargets:
             self.teacher, cases, self.labeled_folder, params, self.normalization_schemes, self.intensity_properties,
             mask_fn=lambda case, data, seg: seg[0] > 0, progress=self.progress,
             run_info={"stage": "labeled GT-box targets (METHODS.md §4.5)"},
-            overwrite=self._stale_manifest(self.labeled_folder, params))
+            overwrite=self._stale_manifest(self.labeled_folder, params), workers=self.workers)
 
     def refresh(self, cases: Sequence[CaseSource], predict_foreground: PredictFn, round_index: int) -> dict[str, int]:
         """Round `round_index`: student boxes -> MedSAM for every unlabeled case, replacing the previous maps.
@@ -75,7 +79,8 @@ class ClosedLoopTargets:
         generate_pseudolabels(
             self.teacher, cases, self.unlabeled_folder, params, self.normalization_schemes, self.intensity_properties,
             mask_fn=lambda case, data, seg: np.asarray(predict_foreground(data), bool), progress=self.progress,
-            run_info={"stage": f"closed-loop refresh round {round_index} (METHODS.md §4.5)"}, overwrite=True)
+            run_info={"stage": f"closed-loop refresh round {round_index} (METHODS.md §4.5)"}, overwrite=True,
+            workers=self.workers)
         available = sum(bool((read_record(self.unlabeled_folder, c.case_id) or {}).get("available")) for c in cases)
         return {"cases": len(cases), "available": int(available)}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 
 from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.teachers.cache import EmbeddingCache, cache_key, image_sha1
+from nnunet_semisam.teachers.prefetch import Prefetcher
 from nnunet_semisam.teachers.sam_models import TAP_BLOCKS, load_sam_checkpoint
 
 SAM_SIZE = 1024  # MedSAM's fixed input side
@@ -55,6 +56,15 @@ def medsam_preprocess(image: np.ndarray) -> np.ndarray:
     img_1024 = transform.resize(img_3c, (SAM_SIZE, SAM_SIZE), order=3, preserve_range=True,
                                 anti_aliasing=True).astype(np.uint8)
     return (img_1024 - img_1024.min()) / np.clip(img_1024.max() - img_1024.min(), a_min=1e-8, a_max=None)
+
+
+def default_preprocess_workers() -> int:
+    """Threads for `MedSAMTeacher.prefetch`: the CPU cores this process may use, at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -91,6 +101,7 @@ class MedSAMTeacher:
         enc = self.sam.image_encoder
         self.tap_blocks: tuple[int, ...] = TAP_BLOCKS.get(model_type or "", tuple(
             i for i, b in enumerate(enc.blocks) if b.window_size == 0) or (len(enc.blocks) - 1,))
+        self._prefetcher: Prefetcher | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, model_type: str | None = None,
@@ -122,22 +133,52 @@ class MedSAMTeacher:
     def embed(self, image: np.ndarray, case_id: str | None = None, slice_idx: int | None = None) -> torch.Tensor:
         """Image embedding (1, C, 64, 64) float32 of a uint8 (H, W) or (H, W, C) image (§2.2 steps 1-5).
 
-        With a cache and a `case_id`, the encoder runs once per (case, slice, image bytes, checkpoint) (§2.7).
+        With a cache and a `case_id`, the encoder runs once per (case, slice, image bytes, checkpoint) (§2.7). After
+        `prefetch`, the preprocessed input computed in the background is used when it is there.
         """
         image = check_image(image)
         key = None
+        sha = image_sha1(image) if (self.cache is not None and case_id is not None) or self._prefetcher else None
         if self.cache is not None and case_id is not None:
-            key = cache_key(case_id, slice_idx, image_sha1(image), self.checkpoint_sha1)
+            key = cache_key(case_id, slice_idx, sha, self.checkpoint_sha1)
             hit = self.cache.get(key)
             if hit is not None:
                 return hit.to(self.device)[None]
-        img_1024 = medsam_preprocess(image)
+        ready = self._prefetcher.take(sha) if self._prefetcher is not None else None
+        img_1024 = medsam_preprocess(image) if ready is None else ready
         tensor = torch.tensor(img_1024).float().permute(2, 0, 1).unsqueeze(0).to(self.device)
         with self._autocast():
             emb = self.sam.image_encoder(tensor).float()
         if key is not None:
             self.cache.put(key, emb[0])
         return emb
+
+    def prefetch(self, images: Iterable[tuple[np.ndarray, str | None, int | None]], workers: int | None = None
+                 ) -> None:
+        """Start §2.2 steps 1-3 of upcoming `embed` calls in background threads (`nnunet_semisam.teachers.prefetch`).
+
+        images: (uint8 image, case_id, slice_idx) in the order `embed` will be called; those whose embedding is
+        already cached are skipped. workers: threads (default `default_preprocess_workers()`), fixed by the first
+        call until `close_prefetch()`. The embeddings are bit-identical to inline calls (the same skimage
+        function, run earlier); this only hides the ~1 s per image resize behind the encoder and the other cases.
+        """
+        if self._prefetcher is None:
+            self._prefetcher = Prefetcher(medsam_preprocess, workers or default_preprocess_workers())
+        todo = []
+        for image, case_id, slice_idx in images:
+            image = check_image(image)
+            sha = image_sha1(image)
+            if self.cache is not None and case_id is not None and \
+                    cache_key(case_id, slice_idx, sha, self.checkpoint_sha1) in self.cache:
+                continue
+            todo.append((sha, image))
+        self._prefetcher.schedule(todo)
+
+    def close_prefetch(self) -> None:
+        """Stop the prefetch threads and drop results not taken (no-op without `prefetch`)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
 
     @torch.no_grad()
     def segment(self, embedding: torch.Tensor, boxes_xyxy: np.ndarray | Sequence | None,

@@ -115,6 +115,21 @@ def test_kill_midway_then_resume_equals_clean_run(dataset):
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp_")]
 
 
+def test_preprocessing_threads_give_identical_pseudolabels(dataset):
+    """--workers N runs MedSAM's skimage preprocessing of the next cases in threads: the same bits as inline."""
+    args = ("--prompts", "file", "--prompt-file", dataset["masks"], "--cases", "all")
+    res = {}
+    for workers in (1, 3):
+        out = dataset["root"] / f"workers{workers}"
+        _cli(dataset, *args, "--workers", str(workers), "-o", str(out))
+        res[workers] = _outputs(out)
+    assert sorted(res[1]) == sorted(res[3]) and len(res[1]) == 7
+    for k, (prob, conf, rec) in res[1].items():
+        np.testing.assert_array_equal(res[3][k][0], prob)
+        np.testing.assert_array_equal(res[3][k][1], conf)
+        assert res[3][k][2] == rec and rec["available"]
+
+
 def test_shards_cover_each_case_once(dataset):
     args = ("--prompts", "file", "--prompt-file", dataset["masks"], "--cases", "all")
     seen: list[str] = []
