@@ -10,6 +10,10 @@ Prints, measured side by side in one run (interleaved repeats, median):
     images/s (eval, no_grad, batch 1 and 4) and the peak memory of one inference (batch 1) / one training step
     (batch 2), each in a fresh process: the peak of the resident set size sampled during the pass minus the RSS
     before it (activations and workspaces; weights and libraries excluded).
+(c) the scan's hand-written backward (`_SelectiveScanFn`) vs autograd through the chunked steps (`_scan_autograd`,
+    checkpointed as the previous implementation trained, and plain), forward + backward at Tiny-MUNet's training
+    shapes (both directions of 64x64 and 256x256 inputs), and a paper Tiny-MUNet training step (256x256, batch 2)
+    with each.
 
 Usage: python benchmarks/bench_tiny_munet.py [--threads 1] [--repeats 5] [--json out.json]
 """
@@ -71,6 +75,58 @@ def bench_scan(repeats: int) -> list[dict]:
             row["speedup_fwd_bwd"] = row["seq_fwd_bwd_s"] / row["chunked_fwd_bwd_s"]
         rows.append(row)
     return rows
+
+
+class _AutogradScan:
+    """Stand-in for `mamba._SelectiveScanFn` in (c): the autograd scan, checkpointed (the previous training path)."""
+
+    @staticmethod
+    def apply(*args):
+        from torch.utils.checkpoint import checkpoint
+
+        from nnunet_semisam.networks import mamba
+
+        return checkpoint(mamba._scan_autograd, *args, use_reentrant=False)
+
+
+def bench_backward(repeats: int) -> dict:
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from nnunet_semisam.networks import mamba
+    from nnunet_semisam.networks.tiny_munet import paper_tiny_munet
+
+    rows = []
+    for b, d, L in ((8, 128, 256), (8, 192, 64), (4, 128, 4096), (4, 192, 1024)):
+        g = torch.Generator().manual_seed(0)
+        args = [torch.rand(b, d, L, generator=g) * 0.5, torch.randn(b, d, L, generator=g),
+                -torch.rand(d, 16, generator=g) * 4 - 0.05, torch.randn(b, 16, L, generator=g),
+                torch.randn(b, 16, L, generator=g)]
+        for a in args:
+            a.requires_grad_()
+        runs = {"hand": lambda: mamba._SelectiveScanFn.apply(*args, None)[0].sum().backward(),
+                "autograd_ckpt": lambda: checkpoint(mamba._scan_autograd, *args, None,
+                                                    use_reentrant=False)[0].sum().backward(),
+                "autograd": lambda: mamba._scan_autograd(*args, None)[0].sum().backward()}
+        times = {k: [] for k in runs}
+        for _ in range(repeats):  # interleaved
+            for k, fn in runs.items():
+                times[k].append(_median_time(fn, 1))
+        rows.append(dict(b=b, d_inner=d, L=L, **{f"{k}_s": statistics.median(v) for k, v in times.items()}))
+    torch.manual_seed(0)
+    net = paper_tiny_munet().train()
+    x = torch.randn(2, 3, 256, 256)
+    step = lambda: net(x).square().mean().backward()  # noqa: E731
+    fn = mamba._SelectiveScanFn
+    times = {"hand": [], "autograd_ckpt": []}
+    try:
+        for _ in range(max(1, repeats // 2)):
+            for k in times:
+                mamba._SelectiveScanFn = fn if k == "hand" else _AutogradScan
+                times[k].append(_median_time(step, 1))
+    finally:
+        mamba._SelectiveScanFn = fn
+    return {"scan": rows, "train_step": {f"{k}_s": statistics.median(v) for k, v in times.items()}}
 
 
 def plan_networks(workdir: str) -> dict:
@@ -195,8 +251,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--skip-scan", action="store_true", help="only part (b)")
-    parser.add_argument("--skip-networks", action="store_true", help="only part (a)")
+    parser.add_argument("--skip-scan", action="store_true", help="skip part (a)")
+    parser.add_argument("--skip-networks", action="store_true", help="skip part (b)")
+    parser.add_argument("--skip-backward", action="store_true", help="skip part (c)")
     args = parser.parse_args(argv)
 
     import torch
@@ -230,6 +287,17 @@ def main(argv=None) -> int:
               f"(batch 1), x{t['images_per_s_batch4'] / p['images_per_s_batch4']:.2f} (batch 4); peak memory "
               f"x{t['peak_mem_inference_mb'] / p['peak_mem_inference_mb']:.2f} (inference), "
               f"x{t['peak_mem_train_step_b2_mb'] / p['peak_mem_train_step_b2_mb']:.2f} (train step)")
+    if not args.skip_backward:
+        results["backward"] = bw = bench_backward(args.repeats)
+        print("(c) scan forward + backward: hand-written backward vs autograd through the chunked steps")
+        for r in bw["scan"]:
+            print(f"  b={r['b']} d_inner={r['d_inner']} L={r['L']:>5}: hand-written {r['hand_s'] * 1e3:7.1f} ms, "
+                  f"autograd + checkpoint {r['autograd_ckpt_s'] * 1e3:7.1f} ms (x{r['autograd_ckpt_s'] / r['hand_s']:.2f}), "
+                  f"autograd {r['autograd_s'] * 1e3:7.1f} ms (x{r['autograd_s'] / r['hand_s']:.2f})")
+        ts = bw["train_step"]
+        print(f"  paper Tiny-MUNet training step (256x256, batch 2): hand-written {ts['hand_s'] * 1e3:.0f} ms, "
+              f"autograd + checkpoint {ts['autograd_ckpt_s'] * 1e3:.0f} ms (x{ts['autograd_ckpt_s'] / ts['hand_s']:.2f})",
+              flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -26,7 +26,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 _LOG2_E = 1.4426950408889634  # log2(e)
 
@@ -234,7 +233,9 @@ def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor
     (`_linear_recurrence`, recursive). Pass 2 re-runs the steps from those states and reads `y_t = C_t . s_t` on the
     fly, so the (b, d, L, N) states are never stored. Without autograd the steps work in place on three slab
     buffers. Decays are multiplied, never divided: long sequences (L = 65,536) underflow towards 0 and cannot
-    overflow.
+    overflow. With autograd and input-dependent B, C (b, N, L) — Mamba's case — the scan is `_SelectiveScanFn`:
+    that in-place forward, saving only its inputs, and a hand-written backward (the adjoint recurrence by the
+    same chunked scheme); other B/C layouts differentiate the out-of-place steps with autograd.
     """
     if A.is_complex():
         raise NotImplementedError("complex A (S4D-Lin) is not supported by the pure-PyTorch scan; use a real A")
@@ -249,26 +250,126 @@ def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor
         delta = delta + delta_bias[..., None].float()
     if delta_softplus:
         delta = _softplus(delta)
+    # input-dependent B, C (Mamba's case): the hand-written backward; other layouts: autograd through the steps
+    scan = _SelectiveScanFn.apply if B.dim() == 3 and C.dim() == 3 else _scan_autograd
+    y, last = scan(delta, u, A.float(), B.float(), C.float(), chunk_size)
+    out = _finish(y, u, D, z, dtype_in)
+    return (out, last) if return_last_state else out
+
+
+def _scan_autograd(delta, u, A, B, C, chunk_size):
+    """y (b, d, L) and last state (b, d, N) of the chunked scan with out-of-place steps, differentiated by autograd
+    (`_scan_steps`; stores two (b, d, N, L) tensors). delta already biased and softplus'd; any B/C layout."""
     b, d, L = u.shape
     T = max(1, min(chunk_size or _auto_chunk_size(L), L))
-    A2 = (A.float() * _LOG2_E)[None, :, :, None]  # exp(delta A) = exp2(delta A log2(e)); exp2 is ~5x faster on CPU
+    A2 = (A * _LOG2_E)[None, :, :, None]  # exp(delta A) = exp2(delta A log2(e)); exp2 is ~5x faster on CPU
     delta_s = _steps_first(delta, T).unsqueeze(-2)  # (T, b, d, 1, nc)
     du_s = _steps_first(delta * u, T).unsqueeze(-2)
     B_s = _bc_steps_first(B, d, T)  # broadcastable to (T, b, d, N, nc)
     C_s = _bc_steps_first(C, d, T)
     chunk_decay = torch.exp2(delta_s.sum(0) * A2)  # (b, d, N, nc)
     y, last = _scan_steps(delta_s, du_s, A2, B_s, C_s, chunk_decay)
-    y = y.reshape(b, d, -1)[..., :L]
-    out = _finish(y, u, D, z, dtype_in)
-    return (out, last) if return_last_state else out
+    return y.reshape(b, d, -1)[..., :L], last
+
+
+def _over_chunks(decay: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`s_c = decay_c * s_{c-1} + x_c` (s_{-1} = 0) along the last (chunk) axis of (b, d, N, nc) tensors."""
+    b, d, N, nc = x.shape
+    s = _linear_recurrence(decay.transpose(-1, -2).reshape(b * d, nc, N), x.transpose(-1, -2).reshape(b * d, nc, N),
+                           32)
+    return s.reshape(b, d, nc, N).transpose(-1, -2)
 
 
 def _carry_in(chunk_decay: torch.Tensor, ends_local: torch.Tensor) -> torch.Tensor:
     """State entering each chunk (b, d, N, nc) from the zero-start chunk-end states, by the recurrence over chunks."""
-    b, d, N, nc = ends_local.shape
-    ends = _linear_recurrence(chunk_decay.transpose(-1, -2).reshape(b * d, nc, N),
-                              ends_local.transpose(-1, -2).reshape(b * d, nc, N), 32)
-    return F.pad(ends[:, :-1], (0, 0, 1, 0)).reshape(b, d, nc, N).transpose(-1, -2)
+    return F.pad(_over_chunks(chunk_decay, ends_local)[..., :-1], (1, 0))
+
+
+def _from_steps(t: torch.Tensor, L: int) -> torch.Tensor:
+    """Inverse of `_steps_first`: (T, b, k, n_chunks) -> (b, k, L)."""
+    T, b, k, nc = t.shape
+    return t.permute(1, 2, 3, 0).reshape(b, k, nc * T)[..., :L]
+
+
+_GRAD_BLOCK_ELEMENTS = 1 << 20  # floats per (T, b, channels, N, n_chunks) buffer of the backward (three of them)
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    """`y_t = C_t . s_t`, `s_t = exp(delta_t A) s_{t-1} + delta_t u_t B_t` for delta (already biased and softplus'd),
+    u (b, d, L), A (d, N), B, C (b, N, L), all float32; returns (y (b, d, L), last state (b, d, N)).
+
+    Forward: the in-place chunked scan without autograd (`_scan_blocked_nograd`); it saves its inputs and the state
+    entering each chunk (1/T of the states), like mamba_ssm's kernel (autograd through `_scan_steps` stores two
+    (b, d, N, L) tensors per scan). Backward, one block of channels at a time (three buffers of at most
+    _GRAD_BLOCK_ELEMENTS floats): the decays a_t and inputs x_t of every step as whole-block ops, the states again
+    from the saved chunk carries (one pass), then the adjoint
+    `h_t = gy_t C_t + a_{t+1} h_{t+1}` (plus the last state's gradient at the end) by the mirrored scheme — steps
+    backwards inside every chunk from zero, the adjoint entering each chunk from its successor by the recurrence
+    over chunks in reverse (`g_c = a_{c+1,0} h^loc_{c+1,0} + decay_{c+1} g_{c+1}`), the steps again from there —
+    and the gradients as whole-block reductions (Gu & Dao 2023, the backward of Algorithm 2):
+    `gB_t = sum_d h_t delta_t u_t`, `g(delta u)_t = sum_n h_t B_t`, `gC_t = sum_d gy_t s_t`,
+    `g(delta_t A) = h_t s_{t-1} a_t`, hence `g delta_t += sum_n g(delta_t A) A`, `gA = sum_{b,t} g(delta_t A) delta_t`.
+    """
+
+    @staticmethod
+    def forward(ctx, delta, u, A, B, C, chunk_size):
+        ctx.set_materialize_grads(False)
+        b, d, L = u.shape
+        T = max(1, min(chunk_size or _auto_chunk_size(L), L))
+        carries = u.new_empty((b, d, A.shape[1], -(-L // T)), dtype=torch.float32)  # 1/T of the states
+        y, last = _scan_blocked_nograd(u, delta, A, B, C, None, None, None, False, True, T, carries)
+        ctx.save_for_backward(delta, u, A, B, C, carries)
+        ctx.chunk_size = T
+        return y, last
+
+    @staticmethod
+    def backward(ctx, gy, glast):
+        delta, u, A, B, C, carries = (t.float() for t in ctx.saved_tensors)
+        b, d, L = u.shape
+        N = A.shape[1]
+        if gy is None:
+            gy = u.new_zeros((b, d, L))
+        T = ctx.chunk_size
+        nc = -(-L // T)
+        B_s, C_s = _steps_first(B, T), _steps_first(C, T)  # (T, b, N, nc)
+        gB_s, gC_s = torch.zeros_like(B_s), torch.zeros_like(C_s)
+        gdelta, gu, gA = torch.empty_like(u), torch.empty_like(u), torch.empty_like(A)
+        db = max(1, min(d, _GRAD_BLOCK_ELEMENTS // (T * b * N * nc)))
+        for d0 in range(0, d, db):
+            d1 = min(d, d0 + db)
+            dl_s = _steps_first(delta[:, d0:d1], T)  # (T, b, n, nc)
+            u_s = _steps_first(u[:, d0:d1], T)
+            du_s = dl_s * u_s
+            gy_s = _steps_first(gy[:, d0:d1], T)
+            Ab = A[d0:d1]
+            a = torch.exp2(dl_s.unsqueeze(3) * (Ab * _LOG2_E)[:, :, None])  # (T, b, n, N, nc): a_t = exp(delta_t A)
+            x = du_s.unsqueeze(3) * B_s.unsqueeze(2)  # x_t = delta_t u_t B_t
+            chunk_decay = torch.exp2(dl_s.sum(0).unsqueeze(2) * (Ab * _LOG2_E)[:, :, None])  # (b, n, N, nc)
+            S = x.new_empty((T + 1, *x.shape[1:]))  # S[t + 1] = s_t, S[0] = state entering the chunk (forward's)
+            S[0] = carries[:, d0:d1]
+            for t in range(T):  # the states again, from the forward's chunk carries
+                torch.addcmul(x[t], a[t], S[t], out=S[t + 1])
+            H = torch.mul(gy_s.unsqueeze(3), C_s.unsqueeze(2), out=x)  # gy_t C_t, then the adjoint h_t in place
+            hl = H[T - 1].clone()
+            for t in range(T - 2, -1, -1):  # adjoint at each chunk's first step, from zero after the chunk
+                torch.addcmul(H[t], a[t + 1], hl, out=hl)
+            # adjoint reaching each chunk's last step from later chunks, g_c (g of the last chunk: d loss / d last)
+            e = (a[0] * hl).flip(-1)  # a_{c,0} h^loc_{c,0}, chunks reversed
+            first = glast[:, d0:d1].float().unsqueeze(-1) if glast is not None else e.new_zeros((*e.shape[:3], 1))
+            g = _over_chunks(F.pad(chunk_decay.flip(-1)[..., :-1], (1, 0)), torch.cat([first, e[..., :-1]], -1))
+            H[T - 1] += g.flip(-1)
+            for t in range(T - 2, -1, -1):  # exact adjoint
+                torch.addcmul(H[t], a[t + 1], H[t + 1], out=H[t])
+            gC_s += (S[1:] * gy_s.unsqueeze(3)).sum(2)
+            gB_s += (H * du_s.unsqueeze(3)).sum(2)
+            gdu_s = (H * B_s.unsqueeze(2)).sum(3)
+            gda = a.mul_(H).mul_(S[:-1])  # g(delta_t A) = h_t s_{t-1} a_t, in the decays' buffer
+            gdelta[:, d0:d1] = _from_steps((gda * Ab[:, :, None]).sum(3) + gdu_s * u_s, L)
+            gu[:, d0:d1] = _from_steps(gdu_s * dl_s, L)
+            gA[d0:d1] = (gda * dl_s.unsqueeze(3)).sum((0, 1, 4))
+        need = ctx.needs_input_grad
+        return (gdelta if need[0] else None, gu if need[1] else None, gA if need[2] else None,
+                _from_steps(gB_s, L) if need[3] else None, _from_steps(gC_s, L) if need[4] else None, None)
 
 
 def _scan_steps(delta_s, du_s, A2, B_s, C_s, chunk_decay):
@@ -311,12 +412,14 @@ def _nograd_chunk_size(L: int, rows: int, d_state: int) -> int:
     return max(1, min(T, L))
 
 
-def _scan_blocked_nograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size):
+def _scan_blocked_nograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size,
+                         carries: Optional[torch.Tensor] = None):
     """`selective_scan_chunked` without autograd: the same two passes, in place, one block of channels at a time.
 
     The scan is independent per channel d, so channels are processed in blocks of `db` such that a block's
     (b, db, L) temporaries hold at most _BLOCK_ELEMENTS floats; inside a block the recurrence runs step-major as in
     `_scan_steps` on three (b, db, N, n_chunks) slabs, y being written straight into a (b, db, n_chunks, T) buffer.
+    `carries` (b, d, N, n_chunks), if given, receives the state entering every chunk (for `_SelectiveScanFn`).
     """
     b, d, L = u.shape
     N = A.shape[1]
@@ -356,6 +459,8 @@ def _scan_blocked_nograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, re
         for t in range(T):  # pass 1: chunk-end states from a zero start
             step(t)
         st.copy_(_carry_in(torch.exp2(delta_s.sum(0) * A2b), st))
+        if carries is not None:
+            carries[:, d0:d1] = st
         for t in range(T):  # pass 2: exact states, read out on the fly
             step(t)
             torch.sum(torch.mul(st, Cb[min(t, Cb.shape[0] - 1)], out=x), dim=-2, out=y[..., t])
@@ -454,15 +559,14 @@ class Mamba(nn.Module):
     State dict: A_log (E, N), D (E,), in_proj.weight (2E, D), conv1d.weight (E, 1, d_conv), conv1d.bias (E,),
     x_proj.weight (r + 2N, E), dt_proj.weight (E, r), dt_proj.bias (E,), out_proj.weight (D, E), so checkpoints move
     between this class and mamba_ssm.Mamba with `load_state_dict(strict=True)`. Incremental decoding (`step`,
-    inference_params) is not implemented. `checkpoint_scan` (not in mamba_ssm) recomputes the pure scan in the
-    backward pass instead of storing its (B, E, L, N) states, as mamba_ssm's kernel does.
+    inference_params) is not implemented. In training, the pure scan stores only its inputs and recomputes its
+    (B, E, L, N) states in the backward pass (`_SelectiveScanFn`), as mamba_ssm's kernel does.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
                  dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
-                 use_fast_path: bool = True, layer_idx: Optional[int] = None, device=None, dtype=None,
-                 checkpoint_scan: bool = True):
+                 use_fast_path: bool = True, layer_idx: Optional[int] = None, device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.d_model = d_model
@@ -473,7 +577,6 @@ class Mamba(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.use_fast_path = use_fast_path
         self.layer_idx = layer_idx
-        self.checkpoint_scan = checkpoint_scan
 
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory_kwargs)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
@@ -583,8 +686,6 @@ class Mamba(nn.Module):
         args = (x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z, self.dt_proj.bias.float(), True)
         if backend == "mamba_ssm-scan":
             return _mamba_ssm_ops().selective_scan_fn(*args[:3], B.contiguous(), C.contiguous(), *args[5:])
-        if self.checkpoint_scan and torch.is_grad_enabled():
-            return checkpoint(selective_scan_chunked, *args, use_reentrant=False)
         return selective_scan_chunked(*args)
 
 
