@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 _LOG2_E = 1.4426950408889634  # log2(e)
 
@@ -323,6 +324,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         return y, last
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy, glast):
         delta, u, A, B, C, carries = (t.float() for t in ctx.saved_tensors)
         b, d, L = u.shape
