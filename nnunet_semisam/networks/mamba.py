@@ -235,8 +235,8 @@ def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor
     fly, so the (b, d, L, N) states are never stored. Without autograd the steps work in place on three slab
     buffers. Decays are multiplied, never divided: long sequences (L = 65,536) underflow towards 0 and cannot
     overflow. With autograd and input-dependent B, C (b, N, L) — Mamba's case — the scan is `_SelectiveScanFn`:
-    that in-place forward, saving only its inputs, and a hand-written backward (the adjoint recurrence by the
-    same chunked scheme); other B/C layouts differentiate the out-of-place steps with autograd.
+    that in-place forward, saving its inputs and the chunk carries, and a hand-written backward (the adjoint
+    recurrence by the same chunked scheme); other B/C layouts differentiate the out-of-place steps with autograd.
     """
     if A.is_complex():
         raise NotImplementedError("complex A (S4D-Lin) is not supported by the pure-PyTorch scan; use a real A")

@@ -17,9 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections import deque
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
