@@ -60,6 +60,29 @@ def test_2d_forward_backward_deep_supervision_and_features():
     assert not torch.allclose(single.sum(1), torch.ones(1))
 
 
+def test_training_gradients_equal_with_the_autograd_scan(monkeypatch):
+    """The scan's hand-written backward gives a whole Tiny-MUNet the gradients of autograd through the scan steps."""
+    from nnunet_semisam.networks import mamba
+
+    class AutogradScan:  # stand-in for mamba._SelectiveScanFn
+        apply = staticmethod(mamba._scan_autograd)
+
+    torch.manual_seed(0)
+    net = paper_tiny_munet(3, 2).train()
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for fn in (mamba._SelectiveScanFn, AutogradScan):
+        monkeypatch.setattr(mamba, "_SelectiveScanFn", fn)
+        net.zero_grad(set_to_none=True)
+        logits, feats = net(x, return_features=True)
+        (logits.square().mean() + sum(f.square().mean() for f in feats)).backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 100
+    for name, g in grads[1].items():
+        err = (grads[0][name] - g).abs().max().item()
+        assert err <= 1e-4 * max(g.abs().max().item(), 1e-8), f"{name}: {err:.2e}"
+
+
 def test_3d_forward_backward_deep_supervision():
     torch.manual_seed(0)
     net = TinyMUNet(2, 3, deep_supervision=True, **SMALL_3D)
