@@ -87,7 +87,7 @@ def kill_after_first_checkpoint(cmd: Sequence[str], env: dict[str, str], fold: P
 
 def training_log(fold: Path) -> str:
     """All of nnU-Net's training logs of a fold folder, oldest first (a resumed run writes a second one)."""
-    return "\n".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
+    return "\n".join(p.read_text(encoding="utf-8") for p in sorted(fold.glob("training_log_*.txt")))
 
 
 def trainer_from_checkpoint(env: dict[str, str], monkeypatch, dataset: str, trainer: str, checkpoint: Path):

@@ -170,7 +170,8 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
         n_aux = sum(p.numel() for p in self.projector.parameters())
         self.print_to_log_file(f"FPKDM: {levels} levels, student grids {[tuple(f.shape[2:]) for f in feats[:levels]]}"
                                f", projector parameters {n_aux:,} (not part of the student); teacher fast path at "
-                               f"{self.teacher_size}² (teacher_input_size {self.teacher_input_size!r})")
+                               f"{self.teacher_size}x{self.teacher_size} (teacher_input_size "
+                               f"{self.teacher_input_size!r})")
 
     def fpkdm_teacher_size(self, f1_grid: tuple[int, ...]) -> int:
         """Side of the square teacher input on the FPKDM fast path (METHODS.md §2.6, §4.1).
@@ -235,7 +236,7 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
         tr_keys, _ = self.do_split()
         if self.polarity is None:
             self.polarity = self.estimate_fbvm_polarity(tr_keys)
-        self.print_to_log_file(f"FBVM polarity per channel (METHODS.md §4.2): {self.polarity} "
+        self.print_to_log_file(f"FBVM polarity per channel (METHODS.md section 4.2): {self.polarity} "
                                f"(mode {self.fbvm_polarity})")
         status = self.targets.labeled_targets(
             [CaseSource(k, self.preprocessed_dataset_folder, True) for k in tr_keys])

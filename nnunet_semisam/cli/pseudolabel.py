@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-gb", type=float, default=4.0, help="disk limit of the embedding cache")
     p.add_argument("--overwrite", action="store_true", help="recompute everything, replacing other parameters")
     p.add_argument("--workers", type=int, default=None,
-                   help="threads for MedSAM's preprocessing (the ~1 s/image skimage resize of §2.2) of the next "
+                   help="threads for MedSAM's preprocessing (the ~1 s/image skimage resize of METHODS.md section 2.2) of the next "
                         "cases, plain MedSAM only (default: the CPU cores, at most 8; 1 = inline)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

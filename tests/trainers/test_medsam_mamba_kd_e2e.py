@@ -63,8 +63,13 @@ def _check_training(fold: Path, student_line: str) -> None:
 
 
 def test_default_plans_train_predict_evaluate(tiny2d, tmp_path):
-    """The design card's literal command: default nnU-Net plans, the trainer builds TinyMUNet for them."""
+    """The design card's literal command: default nnU-Net plans, the trainer builds TinyMUNet for them.
+
+    Run in an ASCII locale (no UTF-8 mode): nnU-Net opens its log file with the locale's encoding, so a non-ASCII
+    character in a log line would crash the training there."""
     env = with_results(tiny2d, tmp_path / "results")
+    env.update(LC_ALL="C", PYTHONUTF8="0")
+    env.pop("PYTHONIOENCODING", None)
     run_cmd(["nnUNetv2_train", "990", "2d", "0", "-tr", TRAINER, "-device", "cpu"], env)
     fold = tmp_path / "results" / "Dataset990_SynthRGB" / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
     _check_training(fold, "student: TinyMUNet in place of the planned PlainConvUNet")
