@@ -56,8 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-gb", type=float, default=4.0, help="disk limit of the embedding cache")
     p.add_argument("--overwrite", action="store_true", help="recompute everything, replacing other parameters")
     p.add_argument("--workers", type=int, default=None,
-                   help="threads for MedSAM's preprocessing (the ~1 s/image skimage resize of METHODS.md section 2.2) of the next "
-                        "cases, plain MedSAM only (default: the CPU cores, at most 8; 1 = inline)")
+                   help="threads for MedSAM's preprocessing (the ~1 s/image skimage resize of METHODS.md section "
+                        "2.2) of the next cases, plain MedSAM only (default: the CPU cores, at most 8; 1 = inline)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -137,7 +137,6 @@ def run(args: argparse.Namespace) -> int:
     from nnunet_semisam.data.unlabeled import list_preprocessed_unlabeled, unlabeled_preprocessed_folder
     from nnunet_semisam.errors import SemiSAMError
     from nnunet_semisam.teachers.cache import EmbeddingCache
-    from nnunet_semisam.teachers.medsam import default_preprocess_workers
     from nnunet_semisam.teachers.pseudolabels import (CaseSource, PseudoLabelParams, generate_pseudolabels,
                                                       pseudolabel_folder, shard)
     from nnunet_semisam.teachers.sam_models import embedded_teacher_checkpoint
@@ -228,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     status = generate_pseudolabels(teacher, cases, out, params, cm.normalization_schemes,
                                    plans.get("foreground_intensity_properties_per_channel"), mask_fn, boxes_fn,
                                    args.num_parts, args.part_id, args.overwrite, not args.quiet, run_info,
-                                   case_fn=case_fn, workers=args.workers or default_preprocess_workers())
+                                   case_fn=case_fn, workers=args.workers)
     done = sum(v == "done" for v in status.values())
     print(f"pseudo-labels: {done} written, {len(status) - done} already up to date, in {out}")
     return 0

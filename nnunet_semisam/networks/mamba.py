@@ -344,9 +344,10 @@ class _SelectiveScanFn(torch.autograd.Function):
             du_s = dl_s * u_s
             gy_s = _steps_first(gy[:, d0:d1], T)
             Ab = A[d0:d1]
-            a = torch.exp2(dl_s.unsqueeze(3) * (Ab * _LOG2_E)[:, :, None])  # (T, b, n, N, nc): a_t = exp(delta_t A)
+            A2b = (Ab * _LOG2_E)[:, :, None]  # exp(delta A) = exp2(delta A log2(e))
+            a = torch.exp2(dl_s.unsqueeze(3) * A2b)  # (T, b, n, N, nc): a_t = exp(delta_t A)
             x = du_s.unsqueeze(3) * B_s.unsqueeze(2)  # x_t = delta_t u_t B_t
-            chunk_decay = torch.exp2(dl_s.sum(0).unsqueeze(2) * (Ab * _LOG2_E)[:, :, None])  # (b, n, N, nc)
+            chunk_decay = torch.exp2(dl_s.sum(0).unsqueeze(2) * A2b)  # (b, n, N, nc)
             S = x.new_empty((T + 1, *x.shape[1:]))  # S[t + 1] = s_t, S[0] = state entering the chunk (forward's)
             S[0] = carries[:, d0:d1]
             for t in range(T):  # the states again, from the forward's chunk carries
@@ -561,8 +562,8 @@ class Mamba(nn.Module):
     State dict: A_log (E, N), D (E,), in_proj.weight (2E, D), conv1d.weight (E, 1, d_conv), conv1d.bias (E,),
     x_proj.weight (r + 2N, E), dt_proj.weight (E, r), dt_proj.bias (E,), out_proj.weight (D, E), so checkpoints move
     between this class and mamba_ssm.Mamba with `load_state_dict(strict=True)`. Incremental decoding (`step`,
-    inference_params) is not implemented. In training, the pure scan stores only its inputs and recomputes its
-    (B, E, L, N) states in the backward pass (`_SelectiveScanFn`), as mamba_ssm's kernel does.
+    inference_params) is not implemented. In training, the pure scan stores its inputs and the chunk carries and
+    recomputes its (B, E, L, N) states in the backward pass (`_SelectiveScanFn`), as mamba_ssm's kernel does.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,

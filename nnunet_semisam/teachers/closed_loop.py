@@ -20,7 +20,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from nnunet_semisam.teachers.medsam import default_preprocess_workers
 from nnunet_semisam.teachers.pseudolabels import (CaseSource, PseudoLabelParams, generate_pseudolabels,
                                                   read_record)
 
@@ -53,7 +52,7 @@ class ClosedLoopTargets:
         self.box_min_area = box_min_area
         self.max_boxes = max_boxes
         self.progress = progress
-        self.workers = workers or default_preprocess_workers()
+        self.workers = workers
 
     def _params(self, prompt_source: str, box_min_area: int, extra: dict) -> PseudoLabelParams:
         return PseudoLabelParams(teacher="medsam", checkpoint_sha1=self.teacher.checkpoint_sha1 or "",

@@ -244,7 +244,7 @@ def generate_pseudolabels(
     progress: bool = True,
     run_info: dict | None = None,
     case_fn: Callable | None = None,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> dict[str, str]:
     """Pseudo-label every case of this shard that is not done yet; returns {case_id: "done" | "skipped"}.
 
@@ -252,14 +252,15 @@ def generate_pseudolabels(
     mask from disk). boxes_fn(case, spatial) -> {z: boxes} or None overrides the boxes of the plain path (box files).
     data/seg are the preprocessed arrays (C, *spatial) / (1, *spatial). A finished case is skipped when its record
     matches the parameters and the current shape (resume). case_fn: per-case generator with the signature of
-    `pseudolabel_case` (default; MedSAM2 passes its own). workers > 1 (plain MedSAM path only): MedSAM's
-    preprocessing of the next cases' prompted slices runs in that many threads (`MedSAMTeacher.prefetch`), the
-    same results ~`workers` x sooner on CPU-bound runs.
+    `pseudolabel_case` (default; MedSAM2 passes its own). workers (plain MedSAM path only; default: the CPU cores,
+    at most 8; 1 = inline): MedSAM's preprocessing of the next cases' prompted slices runs in that many threads
+    (`MedSAMTeacher.prefetch`), the same results ~`workers` x sooner on CPU-bound runs.
     """
     from tqdm import tqdm
 
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
+    from nnunet_semisam.teachers.medsam import default_preprocess_workers
     from nnunet_semisam.teachers.uint8_adapter import to_uint8
 
     out = Path(out_folder)
@@ -272,6 +273,7 @@ def generate_pseudolabels(
     datasets: dict[str, nnUNetDatasetBlosc2] = {}
     status: dict[str, str] = {}
     plain = params.aug <= 0 and case_fn is None  # plain MedSAM: the slices to embed are known from the boxes
+    workers = workers or default_preprocess_workers()
 
     def prepared():
         """(case, uint8 image, prompt mask, boxes) of every case, in order; None for a finished case."""
