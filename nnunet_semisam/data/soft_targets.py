@@ -1,10 +1,14 @@
 """Soft targets that travel with their sample through nnU-Net's data loading (METHODS.md §1.2).
 
-Stored teacher pseudo-labels (`nnunet_semisam.teachers.pseudolabels`: `prob` and `conf`, (1, *spatial) on the case's
-preprocessed grid) are appended to the image as two extra channels `[q, conf]` by `SoftTargetDataset`. nnU-Net's
-cropping, padding (0 = no pseudo-label) and spatial transforms then move them with the image (linear interpolation,
-like image channels), and `image_channels_only` keeps every intensity transform off them. After augmentation, `conf`
-is a soft weight in [0, 1] (interpolated at the edges of the available region).
+Stored teacher pseudo-labels (read through `nnunet_semisam.data.pseudolabel_store`: `prob` and `conf`, (1, *spatial)
+on the case's preprocessed grid) are appended to the image as extra channels `[q, conf, valid]` by
+`SoftTargetDataset`. `valid` is 1 inside nnU-Net's own mask (`seg >= 0`: nnU-Net marks the voxels outside the nonzero /
+normalisation mask with -1) and 0 outside. nnU-Net's cropping, padding (0 = no pseudo-label, not valid) and spatial
+transforms then move the three channels with the image (linear interpolation, like image channels; rotated-out
+areas become 0), and `image_channels_only` keeps every intensity transform off them. After augmentation `conf` is a
+soft weight in [0, 1] and `valid > 0.5` is the image area of the patch: the background mask of rule U and of the FBVM
+valid mask (METHODS.md §2.4 correction, §4.2), which a value test on the z-scored image cannot find (0 is the mean
+of the tissue there, not its minimum).
 
 The store is read at every load and its files are replaced atomically, so a worker sees the old or the new map of a
 case. Batches the workers prepared before a pseudo-label refresh (closed loop, METHODS.md §4.5) still carry the old
@@ -13,7 +17,6 @@ A case without a pseudo-label gets `q = 0, conf = 0` (its KD term is skipped).
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
@@ -23,13 +26,14 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
+from nnunet_semisam.data.pseudolabel_store import soft_target_channels
 from nnunet_semisam.data.views import GEOMETRIC, LABEL_ONLY
 
-NUM_SOFT_CHANNELS = 2  # q, conf
+NUM_EXTRA_CHANNELS = 3  # q, conf, valid
 
 
 class SoftTargetDataset(nnUNetDatasetBlosc2):
-    """nnU-Net's blosc2 dataset whose `data` carries `[q, conf]` from `store_folder` after the image channels."""
+    """nnU-Net's blosc2 dataset whose `data` carries `[q, conf, valid]` after the image channels (module docstring)."""
 
     def __init__(self, folder: str, identifiers: Sequence[str] | None = None,
                  folder_with_segs_from_previous_stage: str | None = None, store_folder: str | None = None):
@@ -38,24 +42,13 @@ class SoftTargetDataset(nnUNetDatasetBlosc2):
 
     def soft_target(self, identifier: str, spatial: Sequence[int]) -> np.ndarray:
         """(2, *spatial) float32 `[q, conf]` of a case, zeros if it has no (complete, matching) pseudo-label."""
-        out = np.zeros((NUM_SOFT_CHANNELS, *spatial), np.float32)
-        if self.store_folder is None:
-            return out
-        f = os.path.join(self.store_folder, f"{identifier}.npz")
-        try:
-            with np.load(f) as z:
-                prob, conf = z["prob"], z["conf"]
-        except (FileNotFoundError, OSError, KeyError, ValueError):
-            return out
-        if tuple(prob.shape[1:]) == tuple(spatial):
-            out[0] = prob[0]
-            out[1] = conf[0]
-        return out
+        return soft_target_channels(self.store_folder, identifier, spatial)
 
     def load_case(self, identifier: str):
         data, seg, seg_prev, properties = super().load_case(identifier)
         data = np.asarray(data[:], dtype=np.float32)
-        data = np.concatenate([data, self.soft_target(identifier, data.shape[1:])], axis=0)
+        valid = (np.asarray(seg[:1]) >= 0).astype(np.float32)
+        data = np.concatenate([data, self.soft_target(identifier, data.shape[1:]), valid], axis=0)
         return data, seg, seg_prev, properties
 
 
@@ -92,7 +85,12 @@ def image_channels_only(pipeline: ComposeTransforms, num_image_channels: int) ->
     return ComposeTransforms(out)
 
 
-def split_soft_targets(data: torch.Tensor, num_image_channels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, C + 2, *sp) -> image (B, C, *sp), q (B, 1, *sp) clipped to [0, 1], conf weight (B, 1, *sp) in [0, 1]."""
+def split_soft_targets(data: torch.Tensor, num_image_channels: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, C + 3, *sp) -> image (B, C, *sp), q (B, 1, *sp) clipped to [0, 1], conf weight (B, 1, *sp) in [0, 1],
+    background (B, 1, *sp) bool (True outside nnU-Net's mask, in padding and in rotated-out areas)."""
     c = num_image_channels
-    return data[:, :c], data[:, c:c + 1].clamp(0, 1), data[:, c + 1:c + 2].clamp(0, 1)
+    if data.shape[1] != c + NUM_EXTRA_CHANNELS:
+        raise ValueError(f"expected {c} image + {NUM_EXTRA_CHANNELS} soft-target channels, got {data.shape[1]}")
+    return (data[:, :c], data[:, c:c + 1].clamp(0, 1), data[:, c + 1:c + 2].clamp(0, 1),
+            data[:, c + 2:c + 3] <= 0.5)

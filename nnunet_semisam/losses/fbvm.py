@@ -3,7 +3,8 @@
 The student's own soft foreground splits its input image into a soft foreground and a soft background; the loss
 asks for small intensity variance inside each and a large (sigmoid-squashed) mean gap between them, in the direction
 given by a per-channel polarity estimated once from labelled cases (`estimate_polarity`). Padding is left out with
-a valid mask (`nonmin_valid_mask`). 2D and 3D.
+a valid mask: `valid_from_background` (nnU-Net's own mask carried with the augmented sample, METHODS.md §2.4
+correction) or the older value test `nonmin_valid_mask`. 2D and 3D.
 """
 from __future__ import annotations
 
@@ -27,6 +28,30 @@ def nonmin_valid_mask(image: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
     x = image.detach()
     mins = x.flatten(2).amin(dim=2).view(*x.shape[:2], *([1] * (x.ndim - 2)))
     return (x > mins + tol).any(dim=1, keepdim=True)
+
+
+def valid_from_background(background: torch.Tensor) -> torch.Tensor:
+    """Valid mask V of METHODS.md §4.2 from the rule-U background (METHODS.md §2.4 correction): V = 1 − background.
+
+    "nonmin" cannot find the padding of z-scored data: nnU-Net pads and rotates out with 0, the mean of the tissue,
+    not its minimum. The trainer therefore carries the mask with the sample: a `valid` channel, ones on
+    nnU-Net's mask (`seg >= 0`) of the preprocessed case, is appended to the image before augmentation; nnU-Net's
+    loader pads it with 0 and the spatial transform rotates it out with 0 (and interpolates it), so after
+    augmentation `valid > 0.5` is the image area of the patch, and `background = valid <= 0.5`
+    (`nnunet_semisam.data.soft_targets.split_soft_targets`).
+
+    Args:
+        background: (B, 1, *spatial), bool (True = background) or float in [0, 1] (background where >= 0.5, i.e.
+            `1 − valid` with the same threshold as `valid > 0.5`).
+    Returns:
+        (B, 1, *spatial) float32 in {0, 1}, 1 = valid, on `background`'s device, for `fbvm_loss(valid=...)`.
+        No gradient.
+    """
+    if background.ndim < 3 or background.shape[1] != 1:
+        raise ValueError(f"background must be (B, 1, *spatial), got {tuple(background.shape)}")
+    bg = background.detach()
+    bg = bg if bg.dtype == torch.bool else bg >= 0.5
+    return (~bg).float()
 
 
 def _polarity_tensor(polarity, n_channels: int, device: torch.device) -> torch.Tensor | None:
@@ -58,7 +83,8 @@ def fbvm_loss(image: torch.Tensor, fg_prob: torch.Tensor, k: float = 1.0, valid:
         image: (B, C, *spatial) the student input (augmented, z-scored); treated as data (detached).
         fg_prob: (B, 1, *spatial) the student's soft foreground p in [0, 1]; receives the gradient.
         k: slope of the mean-gap sigmoid (`fbvm_k`; 1 for z-scored inputs).
-        valid: (B, 1, *spatial) bool or float mask V, or None (V ≡ 1). See `nonmin_valid_mask`.
+        valid: (B, 1, *spatial) bool or float mask V, or None (V ≡ 1). See `valid_from_background`
+            (nnU-Net's mask, the default way) and `nonmin_valid_mask`.
         polarity: None (s_c = +1 for every channel: lesion brighter), C values s_c in {-1, 0, +1} (0 makes that
             channel's mean term the constant 1/2), or "abs".
         eps: ε in the denominators.

@@ -93,3 +93,23 @@ def describe_kd_student(configuration_manager, network: nn.Module, num_input_cha
         f"paper channel plan on its first {len(kwargs['features_per_stage'])} strides")
     return (f"student: {where}; patch {list(configuration_manager.patch_size)}, {num_input_channels} input "
             f"channels, {num_output_channels} outputs, {n_params:,} parameters, per-image z-scored input")
+
+
+def no_decay_parameter(name: str) -> bool:
+    """Mamba's `A_log` and `D` get no weight decay (mamba_ssm's `_no_weight_decay`, METHODS.md §4.6)."""
+    return name.rsplit(".", 1)[-1] in ("A_log", "D")
+
+
+@torch.no_grad()
+def feature_shapes(network: nn.Module, num_input_channels: int, patch_size, device: torch.device
+                   ) -> list[tuple[int, tuple[int, ...]]]:
+    """(channels, grid) of each encoder level F_1..F_L of the student at `patch_size`, from one eval-mode probe
+    (the FPKDM projectors are sized from it, METHODS.md §4.1). The network's train/eval mode is restored."""
+    was_training = network.training
+    network.eval()
+    try:
+        probe = torch.zeros(1, num_input_channels, *patch_size, device=device)
+        _, feats = network(probe, return_features=True)
+    finally:
+        network.train(was_training)
+    return [(int(f.shape[1]), tuple(int(s) for s in f.shape[2:])) for f in feats]

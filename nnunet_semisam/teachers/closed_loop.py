@@ -19,11 +19,35 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
-from nnunet_semisam.teachers.pseudolabels import (CaseSource, PseudoLabelParams, generate_pseudolabels,
-                                                  read_record)
+from nnunet_semisam.data.pseudolabel_store import PseudoLabelParams, manifest_params_sha1, read_record
+from nnunet_semisam.teachers.pseudolabels import CaseSource, generate_pseudolabels
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # preprocessed case (C, *spatial) -> foreground mask (*spatial)
+
+
+class SlidingWindowForeground:
+    """The student's foreground (`argmax != 0`) on a whole preprocessed case, by nnU-Net's sliding-window predictor.
+
+    The `PredictFn` of a refresh (METHODS.md §4.5): tile step 0.5, Gaussian weighting, no mirroring, on the trainer's
+    device. The network is used as it is (the caller puts it in eval mode for the refresh).
+    """
+
+    def __init__(self, network: torch.nn.Module, plans_manager, configuration_manager, dataset_json: dict,
+                 trainer_name: str, device: torch.device) -> None:
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        self.predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                         perform_everything_on_device=True, device=device, verbose=False,
+                                         verbose_preprocessing=False, allow_tqdm=False)
+        self.predictor.manual_initialization(network, plans_manager, configuration_manager, None, dataset_json,
+                                             trainer_name, None)
+
+    @torch.no_grad()
+    def __call__(self, data: np.ndarray) -> np.ndarray:
+        logits = self.predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(data, np.float32)))
+        return (logits.argmax(0) != 0).cpu().numpy()
 
 
 class ClosedLoopTargets:
@@ -55,7 +79,7 @@ class ClosedLoopTargets:
         self.workers = workers
 
     def _params(self, prompt_source: str, box_min_area: int, extra: dict) -> PseudoLabelParams:
-        return PseudoLabelParams(teacher="medsam", checkpoint_sha1=self.teacher.checkpoint_sha1 or "",
+        return PseudoLabelParams(teacher=self.teacher.model_type or "medsam", checkpoint_sha1=self.teacher.checkpoint_sha1 or "",
                                  model_type=self.teacher.model_type or "", prompt_source=prompt_source, aug=0,
                                  box_min_area=box_min_area, max_boxes=self.max_boxes,
                                  teacher_channel=self.teacher_channel, extra=extra)
@@ -86,7 +110,5 @@ class ClosedLoopTargets:
     @staticmethod
     def _stale_manifest(folder: Path, params: PseudoLabelParams) -> bool:
         """True when `folder` holds targets of other parameters (e.g. another teacher): they are all redone."""
-        import json
-
-        m = folder / "manifest.json"
-        return m.is_file() and json.loads(m.read_text()).get("params_sha1") != params.sha1()
+        old = manifest_params_sha1(folder)
+        return old is not None and old != params.sha1()

@@ -332,6 +332,50 @@ class MedSAMTeacher:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         return x
 
+    # ------------------------------------------------------------------------------------------------------------
+    # the FPKDM feature interface shared with LiteMedSAMTeacher (METHODS.md §4.1)
+
+    native_size = SAM_SIZE  # the side the teacher segments at (its pseudo-label scale)
+
+    @property
+    def tap_stride(self) -> int:
+        """Input pixels per token side of the first tap's grid (the ViT's patch side, 16)."""
+        return int(self.sam.image_encoder.patch_embed.proj.kernel_size[0])
+
+    @property
+    def tap_channels(self) -> tuple[int, ...]:
+        """Width of each tap T_1..T_4 (the ViT width D for every block tap)."""
+        return (int(self.sam.image_encoder.patch_embed.proj.out_channels),) * len(self.tap_blocks)
+
+    def feature_input(self, x: torch.Tensor, channels: Sequence[int] | None, size: int) -> torch.Tensor:
+        """The §2.6 fast-path input (B, 3, size, size) of a student batch: `fast_preprocess`."""
+        return self.fast_preprocess(x.to(self.device), channels, size)
+
+    def _feature_autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 on CUDA for the training-time features (§2.6); the same context for every feature call."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def first_tap(self, xin: torch.Tensor) -> torch.Tensor:
+        """T_1 (B, h, w, D) float32: patch tokens through the blocks up to the first tap (§2.5)."""
+        with self._feature_autocast():
+            t1 = self.forward_blocks(self.patch_tokens(xin), 0, self.tap_blocks[:1], stop=self.tap_blocks[0] + 1)[0]
+        return t1.float()
+
+    @torch.no_grad()
+    def later_taps(self, t1: torch.Tensor) -> list[torch.Tensor]:
+        """[T_2..T_4] (B, h, w, D) float32 from T_1 (clean or perturbed): the blocks after the first tap (§4.1).
+
+        FPKDM calls this for the clean and for the perturbed T_1, so both responses go through one path and one
+        precision (a zero perturbation gives a zero teacher response, METHODS.md §4.1).
+        """
+        taps = self.tap_blocks
+        with self._feature_autocast():
+            out = self.forward_blocks(t1.to(self.device), start=taps[0] + 1, blocks=taps[1:], stop=taps[-1] + 1)
+        return [o.float() for o in out]
+
     @torch.no_grad()
     def fast_features(self, x: torch.Tensor, channels: Sequence[int] | None = None,
                       blocks: Sequence[int] | None = None, size: int = SAM_SIZE,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nnunet_semisam.errors import SemiSAMError
-from nnunet_semisam.losses.fbvm import estimate_polarity, fbvm_loss, nonmin_valid_mask
+from nnunet_semisam.losses.fbvm import estimate_polarity, fbvm_loss, nonmin_valid_mask, valid_from_background
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # ε = 1e-6 in the denominators shifts the hand values by O(1e-6)
 
@@ -91,6 +91,42 @@ def test_valid_mask_excludes_padding():
     torch.testing.assert_close(fbvm_loss(x, p, valid=v.float()), torch.tensor(2 - sig(3)), **TOL)
     # without the mask the padding enters both regions: the value differs
     assert abs(fbvm_loss(x, p).item() - (2 - sig(3))) > 1.0
+
+
+def test_background_mask_excludes_zero_padding_of_zscored_data_nonmin_does_not():
+    # METHODS.md §2.4 correction / §4.2: z-scored tissue has negative values, so nnU-Net's 0-padding (the tissue
+    # mean) is not the minimum. Tissue = X_BRIGHT − 2 = [[1, 3], [−2, 0]]: μF = 2, VarF = 1, μB = −1, VarB = 1,
+    # L = 2 − sigmoid(3); a padded column of zeros with p = 0.7 must not count.
+    x = t([[1.0, 3.0, 0.0], [-2.0, 0.0, 0.0]])
+    p = t([[1.0, 1.0, 0.7], [0.0, 0.0, 0.7]]).requires_grad_(True)
+    # the trainer's mask: a ones channel padded with 0 by nnU-Net's loader, background = valid <= 0.5
+    valid_channel = torch.nn.functional.pad(torch.ones(1, 1, 2, 2), (0, 1))
+    background = valid_channel <= 0.5
+    v = valid_from_background(background)
+    assert v.dtype == torch.float32 and v.tolist() == [[[[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]]]
+    loss = fbvm_loss(x, p, valid=v)
+    torch.testing.assert_close(loss, torch.tensor(2 - sig(3)), **TOL)
+    loss.backward()
+    assert torch.equal(p.grad[..., 2], torch.zeros(1, 1, 2))  # the padding gets no gradient
+    assert (p.grad[..., :2] != 0).all()
+
+    # "nonmin" keeps the zeros (the minimum is −2): the padding enters both regions and the loss is another one
+    nm = nonmin_valid_mask(x)
+    assert nm[..., 2].all()
+    q = p.detach().clone().requires_grad_(True)
+    loss_nm = fbvm_loss(x, q, valid=nm)
+    assert abs(loss_nm.item() - (2 - sig(3))) > 0.1
+    loss_nm.backward()
+    assert (q.grad[..., 2] != 0).all()
+
+
+def test_valid_from_background_float_threshold_and_errors():
+    bg = torch.tensor([0.0, 0.49, 0.5, 1.0]).view(1, 1, 2, 2)  # background where >= 0.5 (= valid <= 0.5)
+    assert valid_from_background(bg).flatten().tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert torch.equal(valid_from_background(bg >= 0.5), valid_from_background(bg))
+    assert valid_from_background(torch.zeros(2, 1, 2, 3, 4, dtype=torch.bool)).shape == (2, 1, 2, 3, 4)  # 3D
+    with pytest.raises(ValueError, match="B, 1"):
+        valid_from_background(torch.zeros(1, 2, 4, 4, dtype=torch.bool))
 
 
 def test_nonmin_valid_mask_is_per_sample_and_channel():

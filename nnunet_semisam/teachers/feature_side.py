@@ -1,0 +1,97 @@
+"""The teacher side of FPKDM on augmented training batches (METHODS.md §2.6, §2.8, §4.1).
+
+Training-time teacher features are never used for pseudo-labels: they come from the teacher's fast path on the
+student's augmented batch (select the teacher channels, min-max per image, bilinear resize to a square side). The side:
+- `"native"`: the side the teacher segments at (MedSAM 1024, LiteMedSAM 256), so the features see the image at the
+  scale of the pseudo-label pipeline;
+- `"patch"`: the student's patch side, rounded up to a side the encoder accepts (LiteMedSAM's TinyViT built for that
+  input with the same weights, METHODS.md §2.8 "Cost on CPU"); MedSAM's ViT keeps its native side;
+- `"f1"`: the smallest side whose first-tap grid is as fine as the student's F1 grid (tap stride x max(F1)),
+  capped at the native side;
+- `"auto"` (default): native on CUDA; on CPU `"patch"` for LiteMedSAM (its 256² encoder costs ~1.5 s per image on two
+  cores, several nnU-Net iterations), native for MedSAM;
+- an int: used as given.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from nnunet_semisam.errors import SemiSAMError
+
+
+def teacher_channels(normalization_schemes: Sequence[str], teacher_channel: int = 0) -> tuple[int, ...]:
+    """Channels the teacher sees: the first three of an RGB dataset (`RGBTo01Normalization`), else `teacher_channel`
+    (replicated to 3 by the teacher; METHODS.md §2.4)."""
+    schemes = list(normalization_schemes)
+    if len(schemes) >= 3 and all(s == "RGBTo01Normalization" for s in schemes[:3]):
+        return (0, 1, 2)
+    return (int(teacher_channel),)
+
+
+def _round_up(side: int, multiple: int) -> int:
+    return -(-int(side) // multiple) * multiple
+
+
+def feature_side(teacher, setting: int | str, patch_size: Sequence[int], f1_grid: Sequence[int],
+                 device: torch.device) -> int:
+    """Square input side of the teacher's training-time features for `setting` (module docstring)."""
+    native = int(teacher.native_size)
+    resizable = hasattr(teacher, "encoder_for")  # LiteMedSAM: a TinyViT for any multiple of `feature_multiple`
+    if setting == "auto":
+        setting = "native" if device.type == "cuda" or not resizable else "patch"
+    if isinstance(setting, int) or (isinstance(setting, str) and setting.isdigit()):
+        return int(setting)
+    if setting == "native":
+        return native
+    if setting == "patch":
+        if not resizable:
+            return native
+        return min(native, _round_up(max(int(s) for s in patch_size), teacher.feature_multiple))
+    if setting == "f1":
+        side = int(teacher.tap_stride) * max(int(g) for g in f1_grid)
+        if resizable:
+            side = _round_up(side, teacher.feature_multiple)
+        return min(native, side)
+    raise SemiSAMError(f"teacher_input_size must be an int, 'auto', 'native', 'patch' or 'f1', got {setting!r}")
+
+
+def fill_background(x: torch.Tensor, background: torch.Tensor | None) -> torch.Tensor:
+    """`x` (B, C, *sp) with the `background` pixels (B, 1, *sp) set to each image's minimum over its other pixels
+    (jointly over channels); images that are all background are left as they are."""
+    if background is None or not bool(background.any()):
+        return x
+    bg = background.to(torch.bool).expand_as(x)
+    big = torch.finfo(x.dtype).max
+    lo = torch.where(bg, torch.full_like(x, big), x).flatten(1).amin(1)  # (B,)
+    lo = torch.where(lo == big, x.flatten(1).amin(1), lo).view(-1, *([1] * (x.ndim - 1)))
+    return torch.where(bg, lo.expand_as(x), x)
+
+
+class TeacherFeatures:
+    """T_1 of a batch and the re-injection T_1 -> [T_2..T_L] for `fpkdm_responses` (METHODS.md §4.1).
+
+    Both the clean and the perturbed later taps go through `reinject` (one path, one precision). No gradient reaches
+    the teacher.
+    """
+
+    def __init__(self, teacher, channels: Sequence[int], side: int, levels: int) -> None:
+        self.teacher = teacher
+        self.channels = tuple(channels)
+        self.side = int(side)
+        self.levels = int(levels)
+
+    def first_tap(self, x: torch.Tensor, background: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) student batch -> T_1 (B, h, w, D_1) float32.
+
+        background: optional (B, 1, H, W) bool, True outside nnU-Net's mask / in padding (the soft-target `valid`
+        channel). Those pixels are set to the image's minimum over the valid pixels before the teacher's min-max,
+        so they become 0 as in rule U (METHODS.md §2.4 correction) instead of the mid-grey of z-scored zeros.
+        """
+        return self.teacher.first_tap(self.teacher.feature_input(fill_background(x.detach(), background),
+                                                                 self.channels, self.side))
+
+    def reinject(self, t1: torch.Tensor) -> list[torch.Tensor]:
+        """T_1 (clean or perturbed) -> [T_2..T_levels]."""
+        return self.teacher.later_taps(t1)[: self.levels - 1]

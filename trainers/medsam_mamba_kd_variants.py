@@ -1,0 +1,224 @@
+"""Variants of MedSAMMambaKDTrainer in nnU-Net's convention: each sets attributes after `super().__init__` and
+changes one thing (ablations of [KD] Tables 5-6, METHODS.md §4.7; interpretation switches; short schedules).
+
+`nnUNetv2_train ... -tr <name>` finds them through `nnUNet_extTrainer` like the main trainer.
+"""
+import torch
+
+from nnunet_semisam.trainers.medsam_mamba_kd import MedSAMMambaKDTrainer
+from nnunet_semisam.trainers.short_schedules import DEMO, SMOKE, apply_schedule
+
+
+class MedSAMMambaKDTrainer_boxOnly(MedSAMMambaKDTrainer):
+    """Paper-literal: labeled annotations used only as boxes, no mask loss (METHODS.md §4.4)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_gt_supervision = False
+
+
+class MedSAMMambaKDTrainer_noFPKDM(MedSAMMambaKDTrainer):
+    """Table 5: no perturbation-response distillation (and no teacher features at all)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_fpkdm = False
+
+
+class MedSAMMambaKDTrainer_noFBVM(MedSAMMambaKDTrainer):
+    """Table 5: no foreground/background variance-mean loss."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_fbvm = False
+
+
+class MedSAMMambaKDTrainer_SAM(MedSAMMambaKDTrainer):
+    """Table 5 "w/o MedSAM": the original SAM ViT-B from $SEMISAM_SAM_CHECKPOINT as teacher."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.teacher_weights = "sam"
+
+
+class MedSAMMambaKDTrainer_teacherNative(MedSAMMambaKDTrainer):
+    """FPKDM teacher features at the teacher's native side on every device (LiteMedSAM 256, MedSAM 1024; METHODS.md §2.8)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.teacher_input_size = "native"
+
+
+class MedSAMMambaKDTrainer_teacherPatch(MedSAMMambaKDTrainer):
+    """FPKDM teacher features at the student's patch side on every device (the CPU path of METHODS.md §2.8)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.teacher_input_size = "patch"
+
+
+class MedSAMMambaKDTrainer_fbvmValidNone(MedSAMMambaKDTrainer):
+    """FBVM over every pixel (no valid mask, METHODS.md §4.7)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.fbvm_valid_mask = "none"
+
+
+class MedSAMMambaKDTrainer_fbvmValidNonmin(MedSAMMambaKDTrainer):
+    """FBVM valid mask = pixels above the image minimum (the rule that misses 0-padding of z-scored data, METHODS.md §4.2)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.fbvm_valid_mask = "nonmin"
+
+
+class MedSAMMambaKDTrainer_polarityPos(MedSAMMambaKDTrainer):
+    """FBVM with the paper's implicit assumption that lesions are brighter (s_c = +1, METHODS.md §4.7)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.fbvm_polarity = "+1"
+
+
+class MedSAMMambaKDTrainer_polarityAbs(MedSAMMambaKDTrainer):
+    """FBVM mean term on |mu_F - mu_B| (METHODS.md §4.7)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.fbvm_polarity = "abs"
+
+
+class MedSAMMambaKDTrainer_paperOptim(MedSAMMambaKDTrainer):
+    """The paper's optimiser (METHODS.md §4.6): lr 1e-3, cosine annealing to 1e-5 per epoch."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-3
+        self.lr_schedule = "cosine"
+
+
+class MedSAMMambaKDTrainer_init10(MedSAMMambaKDTrainer):
+    """Table 6: 10 labeled-only warm-up epochs before the joint stage (METHODS.md §4.5)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.init_epochs = 10
+
+
+class MedSAMMambaKDTrainer_init20(MedSAMMambaKDTrainer):
+    """Table 6: 20 labeled-only warm-up epochs before the joint stage (METHODS.md §4.5)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.init_epochs = 20
+
+
+class MedSAMMambaKDTrainer_init30(MedSAMMambaKDTrainer):
+    """Table 6: 30 labeled-only warm-up epochs before the joint stage (METHODS.md §4.5)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.init_epochs = 30
+
+
+class MedSAMMambaKDTrainer_init40(MedSAMMambaKDTrainer):
+    """Table 6: 40 labeled-only warm-up epochs before the joint stage (METHODS.md §4.5)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.init_epochs = 40
+
+
+# ---------------------------------------------------------------------------------------------------- short runs
+
+class MedSAMMambaKDTrainer_smoke(MedSAMMambaKDTrainer):
+    """Tests: `nnUNetTrainer_smoke`'s schedule (2 epochs x 10 iterations), one closed-loop refresh at epoch 1."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule(self, SMOKE)
+        self.pl_start = 1
+        self.pl_every = 1
+
+
+class MedSAMMambaKDTrainer_boxOnly_smoke(MedSAMMambaKDTrainer_smoke):
+    """The box-only setting on the smoke schedule."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_gt_supervision = False
+
+
+class MedSAMMambaKDTrainer_demo(MedSAMMambaKDTrainer):
+    """`nnunet-semisam demo`: `nnUNetTrainer_demo`'s schedule, refreshes at epochs 4 and 8."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule(self, DEMO)
+        self.pl_start = 4
+        self.pl_every = 4
+
+
+class MedSAMMambaKDTrainer_boxOnly_demo(MedSAMMambaKDTrainer_demo):
+    """The box-only setting (METHODS.md §4.4) on the demo schedule (benchmarks/bench_medsam_mamba_kd.py)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_gt_supervision = False
+
+
+class MedSAMMambaKDTrainer_noFPKDM_demo(MedSAMMambaKDTrainer_demo):
+    """The no-FPKDM ablation on the demo schedule (benchmarks/bench_medsam_mamba_kd.py)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_fpkdm = False
+
+
+class MedSAMMambaKDTrainer_noFBVM_demo(MedSAMMambaKDTrainer_demo):
+    """The no-FBVM ablation on the demo schedule (benchmarks/bench_medsam_mamba_kd.py)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_fbvm = False
+
+
+class MedSAMMambaKDTrainer_teacherNative_demo(MedSAMMambaKDTrainer_demo):
+    """Native-side teacher features on the demo schedule (benchmarks/bench_medsam_mamba_kd.py)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.teacher_input_size = "native"
+
+
+class MedSAMMambaKDTrainer_paperOptim_demo(MedSAMMambaKDTrainer_demo):
+    """The paper's optimiser on the demo schedule (benchmark)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-3
+        self.lr_schedule = "cosine"
