@@ -12,7 +12,7 @@ pytest.importorskip("sam2", reason="optional extra nnunet-semisam[medsam2]")
 from nnunet_semisam.errors import SemiSAMError  # noqa: E402
 from nnunet_semisam.teachers.algorithm2 import algorithm2  # noqa: E402
 from nnunet_semisam.teachers.medsam2 import MedSAM2Teacher, SliceAffine, medsam2_pseudolabel_case  # noqa: E402
-from nnunet_semisam.teachers.pseudolabels import PseudoLabelParams  # noqa: E402
+from nnunet_semisam.data.pseudolabel_store import PseudoLabelParams  # noqa: E402
 
 TINY = ["++model.image_encoder.trunk.embed_dim=8", "++model.image_encoder.trunk.num_heads=1",
         "++model.image_encoder.trunk.stages=[1,1,1,2]", "++model.image_encoder.trunk.global_att_blocks=[4]",

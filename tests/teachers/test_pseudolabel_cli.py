@@ -19,8 +19,8 @@ import torch
 from conftest import kill_group, nnunet_env, run_cmd, start_in_own_group
 
 from nnunet_semisam.errors import SemiSAMError
-from nnunet_semisam.teachers.pseudolabels import (CaseSource, load_pseudolabel, load_pseudolabel_checked, shard,
-                                                  stale_cases)
+from nnunet_semisam.data.pseudolabel_store import load_pseudolabel, load_pseudolabel_checked, stale_cases
+from nnunet_semisam.teachers.pseudolabels import CaseSource, shard
 from nnunet_semisam.teachers.sam_models import build_sam_custom, save_sam_checkpoint
 
 DS = 917
