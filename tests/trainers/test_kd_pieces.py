@@ -157,10 +157,10 @@ def test_variants_are_plain_subclasses():
     import inspect
 
     import nnunet_semisam.trainers.medsam_mamba_kd_variants as v
-    from nnunet_semisam.trainers.medsam_mamba_kd import MedSAMMambaKDTrainer
 
-    classes = [c for _, c in inspect.getmembers(v, inspect.isclass) if issubclass(c, MedSAMMambaKDTrainer)
-               and c is not MedSAMMambaKDTrainer]
+    # by name: nnU-Net's trainer lookup may have imported the trainer module under another name in this session
+    classes = [c for _, c in inspect.getmembers(v, inspect.isclass) if c.__name__ != "MedSAMMambaKDTrainer"
+               and "MedSAMMambaKDTrainer" in [b.__name__ for b in c.__mro__]]
     src = open(v.__file__).read()
     assert len(classes) >= 20
     for c in classes:
