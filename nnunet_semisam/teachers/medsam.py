@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -21,25 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_semisam.errors import SemiSAMError
-from nnunet_semisam.teachers.cache import EmbeddingCache, cache_key, image_sha1
+from nnunet_semisam.teachers.cache import EmbeddingCache
+from nnunet_semisam.teachers.embedding import CachedEmbedder, check_image
 from nnunet_semisam.teachers.prefetch import Prefetcher
 from nnunet_semisam.teachers.sam_models import TAP_BLOCKS, load_sam_checkpoint
 
 SAM_SIZE = 1024  # MedSAM's fixed input side
 LOW_RES = 256  # mask decoder output side / mask-prompt side
-
-
-def check_image(image: np.ndarray) -> np.ndarray:
-    """Validate a teacher input: uint8, (H, W) or (H, W, C) with C in {1, 3, 4}, finite. Raises SemiSAMError."""
-    image = np.asarray(image)
-    if image.dtype.kind == "f" and not np.isfinite(image).all():
-        raise SemiSAMError("teacher image contains NaN or inf values; fix the input case (rule U needs finite data)")
-    if image.dtype != np.uint8:
-        raise SemiSAMError(f"the MedSAM pipeline expects a uint8 image, got {image.dtype}; convert it with "
-                           "nnunet_semisam.teachers.uint8_adapter.to_uint8 (METHODS.md §2.4)")
-    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3, 4)):
-        raise SemiSAMError(f"teacher image must be (H, W) or (H, W, 1|3|4), got shape {image.shape}")
-    return image
 
 
 def medsam_preprocess(image: np.ndarray) -> np.ndarray:
@@ -58,15 +46,6 @@ def medsam_preprocess(image: np.ndarray) -> np.ndarray:
     return (img_1024 - img_1024.min()) / np.clip(img_1024.max() - img_1024.min(), a_min=1e-8, a_max=None)
 
 
-def default_preprocess_workers() -> int:
-    """Threads for `MedSAMTeacher.prefetch`: the CPU cores this process may use, at most 8."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    return max(1, min(8, n))
-
-
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Bicubic (align_corners=False) resize of ViT `pos_embed` (1, h, w, D) to `grid` (§2.5); identity if equal."""
     if tuple(pos_embed.shape[1:3]) == tuple(grid):
@@ -75,7 +54,7 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> tor
     return pe.permute(0, 2, 3, 1)
 
 
-class MedSAMTeacher:
+class MedSAMTeacher(CachedEmbedder):
     """Frozen MedSAM (or any SAM) with MedSAM's official preprocessing and box/point/mask inference.
 
     Args:
@@ -129,58 +108,13 @@ class MedSAMTeacher:
         c = self.sam.prompt_encoder.embed_dim
         return (c, *self.sam.prompt_encoder.image_embedding_size)
 
-    @torch.no_grad()
-    def embed(self, image: np.ndarray, case_id: str | None = None, slice_idx: int | None = None) -> torch.Tensor:
-        """Image embedding (1, C, 64, 64) float32 of a uint8 (H, W) or (H, W, C) image (§2.2 steps 1-5).
+    preprocess = staticmethod(medsam_preprocess)  # §2.2 steps 1-3; `embed` (CachedEmbedder) adds 4-5
 
-        With a cache and a `case_id`, the encoder runs once per (case, slice, image bytes, checkpoint) (§2.7). After
-        `prefetch`, the preprocessed input computed in the background is used when it is there.
-        """
-        image = check_image(image)
-        key = None
-        sha = image_sha1(image) if (self.cache is not None and case_id is not None) or self._prefetcher else None
-        if self.cache is not None and case_id is not None:
-            key = cache_key(case_id, slice_idx, sha, self.checkpoint_sha1)
-            hit = self.cache.get(key)
-            if hit is not None:
-                return hit.to(self.device)[None]
-        ready = self._prefetcher.take(sha) if self._prefetcher is not None else None
-        img_1024 = medsam_preprocess(image) if ready is None else ready
-        tensor = torch.tensor(img_1024).float().permute(2, 0, 1).unsqueeze(0).to(self.device)
+    def encode_image(self, tensor: torch.Tensor) -> torch.Tensor:
+        """§2.2 steps 4-5: the ViT image encoder on the (1, 3, 1024, 1024) input -> (1, C, 64, 64) float32."""
         with self._autocast():
-            emb = self.sam.image_encoder(tensor).float()
-        if key is not None:
-            self.cache.put(key, emb[0])
-        return emb
+            return self.sam.image_encoder(tensor).float()
 
-    def prefetch(self, images: Iterable[tuple[np.ndarray, str | None, int | None]], workers: int | None = None
-                 ) -> None:
-        """Start §2.2 steps 1-3 of upcoming `embed` calls in background threads (`nnunet_semisam.teachers.prefetch`).
-
-        images: (uint8 image, case_id, slice_idx) in the order `embed` will be called; those whose embedding is
-        already cached are skipped. workers: threads (default `default_preprocess_workers()`), fixed by the first
-        call until `close_prefetch()`. The embeddings are bit-identical to inline calls (the same skimage
-        function, run earlier); this only hides the ~1 s per image resize behind the encoder and the other cases.
-        """
-        if self._prefetcher is None:
-            self._prefetcher = Prefetcher(medsam_preprocess, workers or default_preprocess_workers())
-        todo = []
-        for image, case_id, slice_idx in images:
-            image = check_image(image)
-            sha = image_sha1(image)
-            if self.cache is not None and case_id is not None and \
-                    cache_key(case_id, slice_idx, sha, self.checkpoint_sha1) in self.cache:
-                continue
-            todo.append((sha, image))
-        self._prefetcher.schedule(todo)
-
-    def close_prefetch(self) -> None:
-        """Stop the prefetch threads and drop results not taken (no-op without `prefetch`)."""
-        if self._prefetcher is not None:
-            self._prefetcher.close()
-            self._prefetcher = None
-
-    @torch.no_grad()
     def segment(self, embedding: torch.Tensor, boxes_xyxy: np.ndarray | Sequence | None,
                 original_hw: tuple[int, int], points: np.ndarray | None = None,
                 point_labels: np.ndarray | None = None, mask_prompt: np.ndarray | torch.Tensor | None = None,

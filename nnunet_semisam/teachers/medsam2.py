@@ -94,7 +94,7 @@ class MedSAM2Teacher:
         hydra yaml file such as MedSAM2's `sam2.1_hiera_t512.yaml`) at `image_size`
         and load `path` strictly. `path=None` keeps random weights (tests). Raises SemiSAMError for a missing file,
         a missing `sam2` package, or weights that do not fit the config."""
-        from nnunet_semisam.teachers.sam_models import file_sha1
+        from nnunet_semisam.io import file_digest
 
         build = _require_sam2()
         if path is not None and not os.path.isfile(path):
@@ -139,7 +139,7 @@ class MedSAM2Teacher:
                 first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][:2]
                 raise SemiSAMError(f"checkpoint {path} does not fit SAM2 config {config!r} (wrong architecture): "
                                    f"{' '.join(first)[:300]}") from None
-            sha1 = file_sha1(path)
+            sha1 = file_digest(path, "sha1")
         return cls(predictor.to(device), device, image_size, sha1, config, amp_dtype)
 
     def _autocast(self) -> contextlib.AbstractContextManager:

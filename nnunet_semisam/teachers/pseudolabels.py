@@ -130,7 +130,7 @@ def generate_pseudolabels(
 
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-    from nnunet_semisam.teachers.medsam import default_preprocess_workers
+    from nnunet_semisam.teachers.embedding import default_preprocess_workers
     from nnunet_semisam.teachers.uint8_adapter import background_from_seg, to_uint8
 
     out = Path(out_folder)

@@ -13,7 +13,6 @@ Checkpoint formats accepted by `load_sam_checkpoint` (all through one code path)
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from functools import partial
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from nnunet_semisam.errors import SemiSAMError
+from nnunet_semisam.io import file_digest
 
 CHECKPOINT_FORMAT = "nnunet_semisam.sam/1"
 
@@ -93,15 +93,6 @@ MODEL_BUILDERS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def file_sha1(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """SHA-1 of a file's bytes (the checkpoint identity used in cache keys and manifests)."""
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _detect_model_type(state_dict: dict[str, torch.Tensor]) -> str | None:
     w = state_dict.get("image_encoder.patch_embed.proj.weight")
     if w is None:
@@ -157,7 +148,7 @@ def load_sam_checkpoint(path: str | os.PathLike, model_type: str | None = None,
         first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][:2]
         raise SemiSAMError(f"checkpoint {path} does not fit model_type {model_type!r} (wrong architecture): "
                            f"{' '.join(first)[:300]}")
-    return sam.to(device).eval(), model_type, file_sha1(path)
+    return sam.to(device).eval(), model_type, file_digest(path, "sha1")
 
 
 def save_sam_checkpoint(sam: nn.Module, path: str | os.PathLike, model_type: str,

@@ -24,7 +24,7 @@ from nnunet_semisam.teachers.cache import EmbeddingCache, cache_key, image_sha1
 from nnunet_semisam.teachers.litemedsam import (CHECKPOINT_SHA256, CHECKPOINT_SIZE, LiteMedSAMTeacher,
                                                 bundled_checkpoint, lite_preprocess, verify_checkpoint)
 from nnunet_semisam.teachers.medsam import MedSAMTeacher
-from nnunet_semisam.teachers.sam_models import file_sha1
+from nnunet_semisam.io import file_digest
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_package_teacher_identity(lite):
     path = bundled_checkpoint()
     assert lite.model_type == "litemedsam" and lite.native_size == 256
     assert lite.checkpoint_sha256 == CHECKPOINT_SHA256
-    assert lite.checkpoint_sha1 == file_sha1(path)
+    assert lite.checkpoint_sha1 == file_digest(path, "sha1")
     assert lite.checkpoint_path == str(Path(path).resolve())
     assert lite.embedding_shape == (256, 64, 64)
     assert not lite.model.training and not any(p.requires_grad for p in lite.model.parameters())
@@ -395,8 +395,8 @@ def test_user_checkpoint_and_wrong_architecture(tmp_path):
     sd = lm.build_model().state_dict()
     good = tmp_path / "finetuned.pth"
     torch.save({"model": sd, "epoch": 3}, good)
-    t = LiteMedSAMTeacher.from_checkpoint(good, expected_sha256=lm._file_sha256(good))
-    assert t.checkpoint_sha1 == file_sha1(good) and t.model_type == "litemedsam"
+    t = LiteMedSAMTeacher.from_checkpoint(good, expected_sha256=file_digest(good, "sha256"))
+    assert t.checkpoint_sha1 == file_digest(good, "sha1") and t.model_type == "litemedsam"
     loaded = t.model.state_dict()
     assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
     broken = dict(sd)

@@ -11,7 +11,8 @@ from test_medsam import _image, small_sam
 
 from nnunet_semisam.teachers import medsam as medsam_module
 from nnunet_semisam.teachers.cache import EmbeddingCache
-from nnunet_semisam.teachers.medsam import MedSAMTeacher, default_preprocess_workers
+from nnunet_semisam.teachers.embedding import default_preprocess_workers
+from nnunet_semisam.teachers.medsam import MedSAMTeacher
 from nnunet_semisam.teachers.prefetch import Prefetcher
 
 
@@ -68,8 +69,8 @@ def test_teacher_prefetch_is_exact_and_skips_cached(tmp_path, monkeypatch):
 
     runs = []
     real = medsam_module.medsam_preprocess
-    monkeypatch.setattr(medsam_module, "medsam_preprocess", lambda im: runs.append(threading.current_thread().name)
-                        or real(im))
+    monkeypatch.setattr(MedSAMTeacher, "preprocess", staticmethod(
+        lambda im: runs.append(threading.current_thread().name) or real(im)))
     cache = EmbeddingCache(tmp_path / "cache")
     t = MedSAMTeacher(sam, checkpoint_sha1="abc", cache=cache)
     t.embed(images[0], case_id="c0", slice_idx=0)  # cached: prefetch must skip it
