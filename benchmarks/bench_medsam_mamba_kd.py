@@ -76,7 +76,8 @@ def _make_datasets(root: Path, env: dict[str, str], a: argparse.Namespace, log: 
         make_synthetic_dataset(raw, FULL_ID, kind="2d-rgb", num_labeled=a.num_train, num_unlabeled=0,
                                num_test=a.num_test, shape=(a.size, a.size), seed=a.seed, name="KDBenchFull",
                                params=SynthParams(contrast=a.contrast, texture=a.texture,
-                                                  distractors=(a.distractors[0], a.distractors[1])), progress=False)
+                                                  distractors=(a.distractors[0], a.distractors[1]),
+                                                  tiny_fraction=a.tiny, empty_fraction=a.empty), progress=False)
     if not (split / "split_labels.json").is_file():
         shutil.rmtree(split, ignore_errors=True)
         shutil.copytree(full, split)
@@ -185,8 +186,9 @@ def accuracy(a: argparse.Namespace) -> None:
                    f"{kd - base:+.2f} (target >= +5); share of the gap closed by KD: "
                    f"{(kd - base) / gap if gap else float('nan'):.2f} (target >= 0.5)")
     header = (f"synthetic 2d-rgb, {a.num_train} train / {a.num_test} test images of {a.size}x{a.size}, lesion "
-              f"contrast {a.contrast}, texture {a.texture}, distractors {a.distractors}, seed {a.seed}, schedule "
-              f"`_{s}`, plans {PLANS}, teacher: {os.environ.get('SEMISAM_TEACHER') or 'LiteMedSAM (bundled)'}")
+              f"contrast {a.contrast}, texture {a.texture}, distractors {a.distractors}, tiny {a.tiny}, "
+              f"empty {a.empty}, seed {a.seed}, schedule `_{s}`, plans {PLANS}, "
+              f"teacher: {os.environ.get('SEMISAM_TEACHER') or 'LiteMedSAM (bundled)'}")
     text = f"{header}\n\n{table}\n\n{summary}\n"
     (root / "kd_accuracy.md").write_text(text)
     (root / "kd_accuracy.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
@@ -300,13 +302,15 @@ def main() -> None:
         p.add_argument("--contrast", type=float, default=0.25, help="lesion contrast of the synthetic data")
         p.add_argument("--texture", type=float, default=0.06, help="background texture of the synthetic data")
         p.add_argument("--distractors", type=int, nargs=2, default=(1, 4), help="lesion-like distractors per image")
+        p.add_argument("--tiny", type=float, default=0.2, help="share of tiny (1-2.5 px radius) lesions")
+        p.add_argument("--empty", type=float, default=0.1, help="share of images without a lesion")
         p.add_argument("--seed", type=int, default=0)
         if name == "accuracy":
             p.add_argument("--out", default="kd_bench")
             p.add_argument("--num-train", type=int, default=60)
             p.add_argument("--num-test", type=int, default=20)
             p.add_argument("--fraction", type=float, default=0.1)
-            p.add_argument("--schedule", default="demo", help="trainer suffix: demo (12x25 iterations) or smoke")
+            p.add_argument("--schedule", default="demo", help="trainer suffix: demo (12x25 iterations), bench (40x25) or smoke")
             p.add_argument("--native", action="store_true",
                            help="also FPKDM teacher features at LiteMedSAM's native 256 (slow on CPU)")
             p.add_argument("--only", nargs="*", default=None, help="run only the runs whose label contains one of these")

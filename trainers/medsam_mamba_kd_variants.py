@@ -6,7 +6,7 @@ changes one thing (ablations of [KD] Tables 5-6, METHODS.md §4.7; interpretatio
 import torch
 
 from nnunet_semisam.trainers.medsam_mamba_kd import MedSAMMambaKDTrainer
-from nnunet_semisam.trainers.short_schedules import DEMO, SMOKE, apply_schedule
+from nnunet_semisam.trainers.short_schedules import BENCH, DEMO, SMOKE, apply_schedule
 
 
 class MedSAMMambaKDTrainer_boxOnly(MedSAMMambaKDTrainer):
@@ -222,3 +222,41 @@ class MedSAMMambaKDTrainer_paperOptim_demo(MedSAMMambaKDTrainer_demo):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 1e-3
         self.lr_schedule = "cosine"
+
+
+class MedSAMMambaKDTrainer_bench(MedSAMMambaKDTrainer):
+    """The accuracy benchmark: `nnUNetTrainer_bench`'s schedule (40 x 25 iterations), refreshes every 8 epochs."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule(self, BENCH)
+        self.pl_start = 8
+        self.pl_every = 8
+
+
+class MedSAMMambaKDTrainer_boxOnly_bench(MedSAMMambaKDTrainer_bench):
+    """The box-only setting (METHODS.md §4.4) on the benchmark schedule."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_gt_supervision = False
+
+
+class MedSAMMambaKDTrainer_noFPKDM_bench(MedSAMMambaKDTrainer_bench):
+    """The no-FPKDM ablation on the benchmark schedule."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_fpkdm = False
+
+
+class MedSAMMambaKDTrainer_noFBVM_bench(MedSAMMambaKDTrainer_bench):
+    """The no-FBVM ablation on the benchmark schedule."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_fbvm = False
