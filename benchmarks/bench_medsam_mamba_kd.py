@@ -134,6 +134,38 @@ def teacher_alone(raw: Path, root: Path) -> dict:
     return {"Dice %": 100 * m["dice"], "HD95 px": m["hd95_vox"], "ASD px": m["asd_vox"]}
 
 
+def pseudolabel_dice(fold: Path, split: Path) -> dict:
+    """Diagnosis, not a result: mean Dice (%) of the trainer's last teacher targets (threshold 0.5) against the labels
+    `split-labels` kept aside (`labelsUnlabeled_heldout/`, never read by training), and of the labeled GT-box targets
+    against the labels. Tells whether a weak KD row comes from the pseudo-labels (closed loop) or from the student."""
+    import numpy as np
+    from PIL import Image
+
+    from nnunet_semisam.data.pseudolabel_store import load_pseudolabel, read_record
+    from nnunet_semisam.data.split_labels import HELDOUT_LABELS
+
+    def dice(a, b):
+        s = a.sum() + b.sum()
+        return 100.0 if s == 0 else 200.0 * (a & b).sum() / s
+
+    out = {}
+    for store, labels in (("unlabeled", split / HELDOUT_LABELS), ("labeled", split / "labelsTr")):
+        ds, n_avail = [], 0
+        for lab in sorted(labels.glob("*.png")):
+            case = lab.name[:-4]
+            gt = np.asarray(Image.open(lab)) > 0
+            rec = read_record(fold / "pseudolabels" / store, case)
+            if rec is not None and rec.get("available"):
+                n_avail += 1
+                prob = load_pseudolabel(fold / "pseudolabels" / store, case)[0].reshape(gt.shape)
+                ds.append(dice(prob > 0.5, gt))
+            else:
+                ds.append(dice(np.zeros_like(gt), gt))
+        out[store] = (float(np.mean(ds)) if ds else float("nan"), n_avail, len(ds))
+    return {"targets Dice % (unlab / lab)": f"{out['unlabeled'][0]:.1f} / {out['labeled'][0]:.1f}",
+            "unlab. with target": f"{out['unlabeled'][1]}/{out['unlabeled'][2]}"}
+
+
 def accuracy(a: argparse.Namespace) -> None:
     from nnunet_semisam.evaluation.metrics import evaluate_folders, format_markdown_table
 
@@ -174,11 +206,12 @@ def accuracy(a: argparse.Namespace) -> None:
         m = evaluate_folders(pred, raw / "labelsTs", output_dir=pred, progress=False)["mean"]["mean"]
         labeled = n_lab if did == SPLIT_ID else a.num_train
         rows.append({"run": label, "labeled": f"{labeled}/{a.num_train}", "Dice %": 100 * m["dice"],
-                     "HD95 px": m["hd95_vox"], "ASD px": m["asd_vox"], "train s (epochs)": round(train_s)})
+                     "HD95 px": m["hd95_vox"], "ASD px": m["asd_vox"], "train s (epochs)": round(train_s),
+                     **(pseudolabel_dice(fold, split) if (fold / "pseudolabels").is_dir() else {})})
     by = {r["run"]: r["Dice %"] for r in rows}
     base, kd = by.get("nnUNetTrainer, 10 % labeled"), by.get("MedSAMMambaKDTrainer")
     fullsup = by.get("nnUNetTrainer, 100 % labeled")
-    table = format_markdown_table(rows, list(rows[0]))
+    table = format_markdown_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
     summary = ""
     if None not in (base, kd, fullsup):
         gap = fullsup - base
