@@ -186,7 +186,7 @@ def accuracy(a: argparse.Namespace) -> None:
         runs.append(("MedSAMMambaKDTrainer_teacherNative", SPLIT_ID, split, f"MedSAMMambaKDTrainer_teacherNative_{s}"))
     runs.append(("nnUNetTrainer, 100 % labeled", FULL_ID, full, f"nnUNetTrainer_{s}"))
     if a.only:
-        runs = [r for r in runs if any(o in r[0] for o in a.only)]
+        runs = [r for r in runs if r[0] in a.only]
     rows = []
     for label, did, raw, trainer in runs:
         if trainer is None:
@@ -346,7 +346,8 @@ def main() -> None:
             p.add_argument("--schedule", default="demo", help="trainer suffix: demo (12x25 iterations), bench (40x25) or smoke")
             p.add_argument("--native", action="store_true",
                            help="also FPKDM teacher features at LiteMedSAM's native 256 (slow on CPU)")
-            p.add_argument("--only", nargs="*", default=None, help="run only the runs whose label contains one of these")
+            p.add_argument("--only", nargs="*", default=None,
+                           help="run only the runs with these labels (as in the table)")
         else:
             p.add_argument("--iters", type=int, default=20)
             p.add_argument("--threads", type=int, default=2)
