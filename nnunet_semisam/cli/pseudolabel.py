@@ -66,48 +66,142 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _file_prompts(path: str):
-    """(mask_fn, boxes_fn) reading masks from a folder or boxes from a JSON file."""
-    import numpy as np
+def _case_spatial(case) -> tuple[int, ...]:
+    """Spatial shape (Z, Y, X) of a preprocessed case, read from its file header (nothing decompressed)."""
+    import blosc2
 
-    from nnunet_semisam.errors import SemiSAMError
-    from nnunet_semisam.teachers.prompts import boxes_to_mask
+    return tuple(blosc2.open(urlpath=str(Path(case.folder) / f"{case.case_id}.b2nd"), mode="r").shape[1:])
 
-    src = Path(path)
-    if src.is_dir():
-        def mask_fn(case, data, seg):
-            for name in (f"{case.case_id}.npz", f"{case.case_id}.npy"):
-                f = src / name
-                if f.is_file():
-                    if name.endswith(".npz"):
-                        with np.load(f) as z:
-                            m = z["mask"]
-                    else:
-                        m = np.load(f)
-                    m = np.asarray(m) > 0
-                    return m[0] if m.ndim == data.ndim else m
-            return None
-        return mask_fn, None
-    if not src.is_file():
-        raise SemiSAMError(f"--prompt-file {src} does not exist")
-    try:
-        table = json.loads(src.read_text())
-    except json.JSONDecodeError as e:
-        raise SemiSAMError(f"--prompt-file {src} is not valid JSON: {e}") from None
-    boxes_of = {c: {int(z): np.asarray(b, np.int64).reshape(-1, 4) for z, b in per.items()} for c, per in table.items()}
 
-    def boxes_fn(case, spatial):
-        return boxes_of.get(case.case_id, {})
+class _FilePrompts:
+    """--prompt-file: boxes from a JSON file or masks from a folder; validated against the cases before any write.
 
-    def mask_fn(case, data, seg):
-        b = boxes_of.get(case.case_id)
+    mask_fn / boxes_fn feed `generate_pseudolabels`; digest(case) is the case's part of the resume key (its boxes,
+    or its mask file's bytes), so a changed prompt regenerates exactly that case.
+    """
+
+    def __init__(self, path: str):
+        import numpy as np
+
+        from nnunet_semisam.errors import SemiSAMError
+
+        self.src = Path(path)
+        self.boxes_fn = None
+        self.boxes_of: dict[str, dict[int, np.ndarray]] | None = None
+        if self.src.is_dir():
+            return
+        if not self.src.is_file():
+            raise SemiSAMError(f"--prompt-file {self.src} does not exist")
+        try:
+            table = json.loads(self.src.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SemiSAMError(f"--prompt-file {self.src} is not valid JSON: {e}") from None
+        if not isinstance(table, dict):
+            raise SemiSAMError(f"--prompt-file {self.src}: expected {{case: {{slice: [[x0, y0, x1, y1], ...]}}}}, "
+                               f"got a JSON {type(table).__name__}")
+        self.boxes_of = {}
+        for c, per in table.items():
+            if not isinstance(per, dict):
+                raise SemiSAMError(f"--prompt-file {self.src}: case {c}: expected {{slice: [[x0, y0, x1, y1], ...]}}, "
+                                   f"got a JSON {type(per).__name__}")
+            self.boxes_of[c] = {}
+            for z, b in per.items():
+                try:
+                    zi = int(z)
+                    arr = np.asarray(b, dtype=np.float64)
+                    if arr.size % 4 or not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+                        raise ValueError
+                except (TypeError, ValueError):
+                    raise SemiSAMError(f"--prompt-file {self.src}: case {c}, slice {z!r}: expected an integer slice "
+                                       f"and boxes [[x0, y0, x1, y1], ...] of integer pixels, got {b!r}"[:300]) from None
+                self.boxes_of[c][zi] = arr.astype(np.int64).reshape(-1, 4)
+        self.boxes_fn = lambda case, spatial: self.boxes_of.get(case.case_id, {})
+
+    def mask_fn(self, case, data, seg):
+        import numpy as np
+
+        from nnunet_semisam.teachers.prompts import boxes_to_mask
+
+        if self.boxes_of is None:
+            f = self._mask_file(case)
+            if f is None:
+                return None
+            m = np.asarray(self._read_mask(f)) > 0
+            return m[0] if m.ndim == data.ndim else m
+        b = self.boxes_of.get(case.case_id)
         if not b:
             return None
         m = np.zeros(data.shape[1:], bool)
         for z, bb in b.items():
             m[z] = boxes_to_mask(bb, m.shape[1:])
         return m
-    return mask_fn, boxes_fn
+
+    def _mask_file(self, case) -> Path | None:
+        for name in (f"{case.case_id}.npz", f"{case.case_id}.npy"):
+            if (self.src / name).is_file():
+                return self.src / name
+        return None
+
+    def _read_mask(self, f: Path):
+        import numpy as np
+
+        from nnunet_semisam.errors import SemiSAMError
+
+        try:
+            if f.name.endswith(".npz"):
+                with np.load(f) as z:
+                    return z["mask"]
+            return np.load(f)
+        except (OSError, ValueError, KeyError, EOFError) as e:
+            raise SemiSAMError(f"--prompt-file {f}: cannot read the mask ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:120]}); expected CASE.npy or CASE.npz with 'mask'"
+                               ) from None
+
+    def digest(self, case) -> str:
+        import hashlib
+
+        from nnunet_semisam.io import file_digest
+
+        if self.boxes_of is None:
+            f = self._mask_file(case)
+            return "mask:none" if f is None else "mask:" + file_digest(f, "sha1")
+        b = self.boxes_of.get(case.case_id, {})
+        canon = json.dumps({str(z): bb.tolist() for z, bb in sorted(b.items())})
+        return "boxes:" + hashlib.sha1(canon.encode()).hexdigest()
+
+    def validate(self, cases) -> None:
+        """Every prompt must fit its case: box slices and pixels inside the preprocessed grid, masks of its shape."""
+        import numpy as np
+
+        from nnunet_semisam.errors import SemiSAMError
+
+        for case in cases:
+            if self.boxes_of is None:
+                f = self._mask_file(case)
+                if f is None:
+                    continue
+                spatial = _case_spatial(case)
+                m = np.asarray(self._read_mask(f))
+                shape = tuple(m.shape[1:]) if m.ndim == len(spatial) + 1 else tuple(m.shape)
+                if shape != spatial:
+                    raise SemiSAMError(f"--prompt-file {f}: mask of case {case.case_id} has shape {tuple(m.shape)}, "
+                                       f"expected the preprocessed shape {spatial} (Z, Y, X)")
+                continue
+            per = self.boxes_of.get(case.case_id)
+            if not per:
+                continue
+            z_n, y_n, x_n = _case_spatial(case)[-3:]
+            for z, bb in sorted(per.items()):
+                if not 0 <= z < z_n:
+                    raise SemiSAMError(f"--prompt-file {self.src}: case {case.case_id} has boxes on slice {z}, but "
+                                       f"the preprocessed case has {z_n} slice{'s' if z_n != 1 else ''} "
+                                       f"(0..{z_n - 1})")
+                for x0, y0, x1, y1 in bb.tolist():
+                    if not (0 <= x0 <= x1 < x_n and 0 <= y0 <= y1 < y_n):
+                        raise SemiSAMError(f"--prompt-file {self.src}: case {case.case_id}, slice {z}: box "
+                                           f"[{x0}, {y0}, {x1}, {y1}] is not inside the preprocessed slice "
+                                           f"(x 0..{x_n - 1}, y 0..{y_n - 1}; boxes are [x0, y0, x1, y1], "
+                                           f"inclusive)")
 
 
 def _student_mask_fn(model_dir: str, fold: str, checkpoint: str, device):
@@ -191,11 +285,21 @@ def run(args: argparse.Namespace) -> int:
     if not cases:
         raise SemiSAMError(f"no {which} cases found for dataset {args.d}, configuration {args.c}")
 
-    mask_fn = boxes_fn = None
+    mask_fn = boxes_fn = digest_fn = None
     if args.prompts == "gt-boxes":
-        mask_fn = lambda case, data, seg: seg[0] > 0  # noqa: E731 - labels on the preprocessed grid
+        mask_fn = lambda case, data, seg: seg[0] > 0  # noqa: E731 - labels on the preprocessed grid (content key)
     elif args.prompts == "file":
-        mask_fn, boxes_fn = _file_prompts(args.prompt_file)
+        file_prompts = _FilePrompts(args.prompt_file)
+        file_prompts.validate(cases)  # before anything is written
+        mask_fn, boxes_fn, digest_fn = file_prompts.mask_fn, file_prompts.boxes_fn, file_prompts.digest
+    elif args.prompts == "student":
+        if not (Path(args.student_model) / "plans.json").is_file():
+            raise SemiSAMError(f"--student-model {args.student_model} is not a trained nnU-Net model folder "
+                               "(no plans.json)")
+        student_ckpt = Path(args.student_model) / f"fold_{args.f}" / args.chk
+        if not student_ckpt.is_file():
+            raise SemiSAMError(f"{student_ckpt} does not exist: train fold {args.f} of --student-model first, or "
+                               f"pass -f / -chk")
 
     out = Path(args.output_folder) if args.output_folder else pseudolabel_folder(args.d, args.p, args.c)
     cache = EmbeddingCache(args.cache_dir or out / ".embedding_cache", max_bytes=int(args.cache_gb * (1 << 30)))
@@ -213,7 +317,11 @@ def run(args: argparse.Namespace) -> int:
                                                  image_size=args.medsam2_image_size)
         model_type, sha1 = teacher.config_name, teacher.checkpoint_sha1
     if args.prompts == "student":
+        from nnunet_semisam.io import file_digest
+
         mask_fn = _student_mask_fn(args.student_model, args.f, args.chk, device)
+        student_key = f"student:{args.f}:{args.chk}:{file_digest(student_ckpt, 'sha1')}"
+        digest_fn = lambda case: student_key  # noqa: E731 - a retrained student redoes every case
 
     params = PseudoLabelParams(
         teacher=args.teacher if args.teacher == "medsam2" else ("litemedsam" if model_type == "litemedsam" else "medsam"),
@@ -231,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     status = generate_pseudolabels(teacher, cases, out, params, cm.normalization_schemes,
                                    plans.get("foreground_intensity_properties_per_channel"), mask_fn, boxes_fn,
                                    args.num_parts, args.part_id, args.overwrite, not args.quiet, run_info,
-                                   case_fn=case_fn, workers=args.workers)
+                                   case_fn=case_fn, workers=args.workers, prompt_digest_fn=digest_fn)
     done = sum(v == "done" for v in status.values())
     print(f"pseudo-labels: {done} written, {len(status) - done} already up to date, in {out}")
     return 0

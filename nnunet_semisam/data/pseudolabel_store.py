@@ -10,10 +10,16 @@ for a training run: `<fold folder>/pseudolabels/{labeled,unlabeled}/`):
 - `CASE.npz`: `prob` float16 (1, *spatial), the teacher's foreground probability (Algorithm 2: mean * M_conf), and
   `conf` bool (1, *spatial), where the pseudo-label may be used (`M_conf`; plain MedSAM: slices that had a prompt).
   `*spatial` is the case's preprocessed grid ((1, Y, X) for 2D images, (Z, Y, X) for volumes).
-- `CASE.json`: the per-case record (shape, parameter hash, source, availability), written after the npz, so a case
-  is complete exactly when its record exists.
+- `CASE.json`: the per-case record (shape, parameter hash, source, availability, resume key), written after the
+  npz, so a case is complete exactly when its record exists.
 - `manifest.json`: the run's parameters (`PseudoLabelParams`: teacher, checkpoint sha1, prompt source, aug,
-  thresholds, ...), run information and an index of the per-case records.
+  thresholds, ...), run information, the expected number of cases and whether all of them are done (`complete`),
+  and an index of the per-case records.
+Resume key (`case_key`): sha1 of the parameter hash (teacher checkpoint hash included), the digest of the
+preprocessed case's arrays (`content_sha1`: image and seg, so a re-preprocessed or replaced case is redone) and the
+digest of that case's prompts (`prompts_sha1`: its boxes in a prompt file, its mask file, the student checkpoint).
+A record whose key differs from the current one is stale and the case is regenerated. The content digest is
+recomputed only when the case's files changed size or mtime since the record (`source_stat`).
 Writes are atomic (`nnunet_semisam.io`): a reader sees the old or the new file, never a half-written one.
 """
 from __future__ import annotations
@@ -75,9 +81,44 @@ def _record_path(folder: Path, case_id: str) -> Path:
     return folder / f"{case_id}.json"
 
 
+def case_content_sha1(*arrays: np.ndarray | None) -> str:
+    """Digest of a preprocessed case's arrays (shape, dtype and values of each; None counts as absent)."""
+    h = hashlib.sha1()
+    for a in arrays:
+        if a is None:
+            h.update(b"none;")
+            continue
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(memoryview(a.reshape(-1)).cast("B"))
+    return h.hexdigest()
+
+
+def source_stat(folder: str | os.PathLike, case_id: str) -> dict[str, list[int]]:
+    """{file name: [size, mtime_ns]} of a preprocessed case's array files (`CASE.b2nd`, `CASE_seg.b2nd`)."""
+    out = {}
+    for name in (f"{case_id}.b2nd", f"{case_id}_seg.b2nd"):
+        try:
+            st = os.stat(Path(folder) / name)
+        except FileNotFoundError:
+            continue
+        out[name] = [int(st.st_size), int(st.st_mtime_ns)]
+    return out
+
+
+def case_key(params_sha1: str, content_sha1: str, prompts_sha1: str = "") -> str:
+    """The resume key of one pseudo-label: what it was made with (parameters, case content, the case's prompts)."""
+    return hashlib.sha1(json.dumps([params_sha1, content_sha1, prompts_sha1]).encode()).hexdigest()
+
+
 def save_pseudolabel(folder: str | os.PathLike, case_id: str, prob: np.ndarray, conf: np.ndarray,
-                     params_sha1: str, source: str = "") -> dict:
-    """Write `CASE.npz` (prob float16, conf bool, both (1, *spatial)) then its record `CASE.json`; atomic."""
+                     params_sha1: str, source: str = "", content_sha1: str | None = None,
+                     prompts_sha1: str | None = None, stat: dict | None = None) -> dict:
+    """Write `CASE.npz` (prob float16, conf bool, both (1, *spatial)) then its record `CASE.json`; atomic.
+
+    content_sha1 / prompts_sha1 / stat (`case_content_sha1`, the prompts' digest, `source_stat`): recorded with the
+    resume key `case_key(params_sha1, content_sha1, prompts_sha1)` when `content_sha1` is given.
+    """
     folder = Path(folder)
     prob = np.asarray(prob, np.float32)
     conf = np.asarray(conf, bool)
@@ -87,6 +128,9 @@ def save_pseudolabel(folder: str | os.PathLike, case_id: str, prob: np.ndarray, 
         np.savez_compressed(tmp, prob=prob.astype(np.float16), conf=conf)
     rec = {"case_id": case_id, "shape": list(prob.shape), "params_sha1": params_sha1, "source": source,
            "available": bool(conf.any())}
+    if content_sha1 is not None:
+        rec.update(key=case_key(params_sha1, content_sha1, prompts_sha1 or ""), content_sha1=content_sha1,
+                   prompts_sha1=prompts_sha1 or "", source_stat=stat or {})
     atomic_write_json(_record_path(folder, case_id), rec)
     return rec
 
@@ -131,18 +175,36 @@ def load_pseudolabel_checked(folder: str | os.PathLike, case_id: str, data_shape
     return load_pseudolabel(folder, case_id)
 
 
-def write_manifest(folder: str | os.PathLike, params: PseudoLabelParams, info: dict) -> None:
-    """(Re)write manifest.json: parameters, run info and the index of the per-case records found in `folder`."""
+def write_manifest(folder: str | os.PathLike, params: PseudoLabelParams, info: dict,
+                   expected: Iterable[str] | None = None, unverified: Iterable[str] = ()) -> dict:
+    """(Re)write manifest.json: parameters, run info and the index of the per-case records found in `folder`.
+
+    expected: the case ids the run is to produce (all shards); the manifest then records `num_expected`,
+    `num_done` (expected cases with a record of these parameters, not counting `unverified` ones: cases of this
+    run not yet checked against their current content) and `complete` (all done), so a partial or interrupted run
+    can be told from a finished one by reading the manifest. Returns the manifest.
+    """
     folder = Path(folder)
+    psha = params.sha1()
     cases = {}
     for p in sorted(folder.glob("*.json")):
         if p.name == MANIFEST or p.name.startswith("."):
             continue
-        rec = json.loads(p.read_text())
-        if (folder / f"{p.stem}.npz").is_file():
-            cases[p.stem] = {k: rec[k] for k in ("shape", "params_sha1", "source", "available")}
-    atomic_write_json(folder / MANIFEST, {"format": FORMAT, "params": asdict(params), "params_sha1": params.sha1(),
-                                          **info, "cases": cases})
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if (folder / f"{p.stem}.npz").is_file() and isinstance(rec, dict) and "params_sha1" in rec:
+            cases[p.stem] = {k: rec.get(k) for k in ("shape", "params_sha1", "source", "available", "key")}
+    extra: dict = {}
+    if expected is not None:
+        expected = sorted(set(expected))
+        skip = set(unverified)
+        done = [c for c in expected if c not in skip and (cases.get(c) or {}).get("params_sha1") == psha]
+        extra = {"num_expected": len(expected), "num_done": len(done), "complete": len(done) == len(expected)}
+    man = {"format": FORMAT, "params": asdict(params), "params_sha1": psha, **info, **extra, "cases": cases}
+    atomic_write_json(folder / MANIFEST, man)
+    return man
 
 
 def check_manifest(folder: str | os.PathLike, params: PseudoLabelParams, overwrite: bool = False) -> None:
@@ -183,14 +245,19 @@ def soft_target_channels(folder: str | os.PathLike | None, case_id: str, spatial
 
 def stale_cases(out_folder: str | os.PathLike, cases: Iterable[CaseSource], params_sha1: str | None = None
                 ) -> list[str]:
-    """Case ids whose pseudo-label is missing, has another shape than the preprocessed case, or other params."""
+    """Case ids whose pseudo-label is missing, has another shape than the preprocessed case, other params, or was
+    made from other case content (the record's `content_sha1`, when it has one)."""
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
     bad = []
     for c in cases:
-        data, _, _, _ = nnUNetDatasetBlosc2(c.folder).load_case(c.case_id)
+        data, seg, _, _ = nnUNetDatasetBlosc2(c.folder).load_case(c.case_id)
         try:
             load_pseudolabel_checked(out_folder, c.case_id, data.shape, params_sha1)
         except SemiSAMError:
+            bad.append(c.case_id)
+            continue
+        rec = read_record(out_folder, c.case_id) or {}
+        if rec.get("content_sha1") and rec["content_sha1"] != case_content_sha1(data[:], seg[:]):
             bad.append(c.case_id)
     return bad

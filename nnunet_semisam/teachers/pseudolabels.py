@@ -4,7 +4,9 @@
 background mask) gives the uint8 image, `mask_fn`/`boxes_fn` give the prompts, `pseudolabel_case` (plain reference
 path or Algorithm 2) the maps, and `nnunet_semisam.data.pseudolabel_store` (the file format) stores them. Each case
 uses its own RNG seeded from (seed, case id), so the result does not depend on sharding (`num_parts`/`part_id`) or
-on interruptions; a finished case whose record matches the parameters and the preprocessed shape is skipped.
+on interruptions. A finished case is skipped only when its record's resume key (`pseudolabel_store.case_key`:
+parameters incl. the teacher checkpoint hash, the preprocessed case's content, the case's prompts) equals the
+current one; a case that was re-preprocessed or whose prompts changed is regenerated.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from nnunet_semisam.data.pseudolabel_store import (PseudoLabelParams, check_manifest, read_record,
-                                                   save_pseudolabel, write_manifest)
+from nnunet_semisam.data.pseudolabel_store import (PseudoLabelParams, case_content_sha1, case_key, check_manifest,
+                                                   read_record, save_pseudolabel, source_stat, write_manifest)
 from nnunet_semisam.errors import SemiSAMError
 
 
@@ -115,6 +117,7 @@ def generate_pseudolabels(
     run_info: dict | None = None,
     case_fn: Callable | None = None,
     workers: int | None = None,
+    prompt_digest_fn: Callable[[CaseSource], str] | None = None,
 ) -> dict[str, str]:
     """Pseudo-label every case of this shard that is not done yet; returns {case_id: "done" | "skipped"}.
 
@@ -125,6 +128,10 @@ def generate_pseudolabels(
     `pseudolabel_case` (default; MedSAM2 passes its own). workers (plain MedSAM path only; default: the CPU cores,
     at most 8; 1 = inline): MedSAM's preprocessing of the next cases' prompted slices runs in that many threads
     (`MedSAMTeacher.prefetch`), the same results ~`workers` x sooner on CPU-bound runs.
+    prompt_digest_fn(case) -> str: digest of the case's prompts beyond its arrays (boxes of a prompt file, a mask
+    file, the student checkpoint), part of the resume key; prompts derived from the case's own arrays (gt-boxes)
+    are covered by the content digest. The manifest records the expected number of cases (all shards) and
+    `complete`.
     """
     from tqdm import tqdm
 
@@ -138,10 +145,13 @@ def generate_pseudolabels(
     check_manifest(out, params, overwrite)
     psha = params.sha1()
     info = dict(run_info or {})
-    write_manifest(out, params, info)
     mine = shard(sorted(cases, key=lambda c: c.case_id), num_parts, part_id)
+    expected = [c.case_id for c in cases]
+    mine_ids = [c.case_id for c in mine]
+    write_manifest(out, params, info, expected, unverified=mine_ids)
     datasets: dict[str, nnUNetDatasetBlosc2] = {}
     status: dict[str, str] = {}
+    keys: dict[str, tuple[str, str, dict]] = {}  # case -> (content digest, prompts digest, source stat)
     plain = params.aug <= 0 and case_fn is None  # plain MedSAM: the slices to embed are known from the boxes
     workers = workers or default_preprocess_workers()
 
@@ -151,16 +161,28 @@ def generate_pseudolabels(
 
         for case in mine:
             ds = datasets.setdefault(case.folder, nnUNetDatasetBlosc2(case.folder))
+            stat = source_stat(case.folder, case.case_id)  # before reading: a later change shows as a new stat
             data, seg, _, _ = ds.load_case(case.case_id)
             rec = read_record(out, case.case_id)
             spatial = tuple(data.shape[1:])
+            prompts = prompt_digest_fn(case) if prompt_digest_fn is not None else ""
+            content = None
             if (not overwrite and rec is not None and rec["params_sha1"] == psha
-                    and tuple(rec["shape"][1:]) == spatial):
-                status[case.case_id] = "skipped"
-                yield None
-                continue
+                    and tuple(rec["shape"][1:]) == spatial and rec.get("key")):
+                if rec.get("source_stat") == stat and rec.get("content_sha1"):
+                    content = rec["content_sha1"]  # files untouched since the record: no need to re-hash
+                else:
+                    data, seg = np.asarray(data[:]), np.asarray(seg[:])
+                    content = case_content_sha1(data, seg)
+                if rec["key"] == case_key(psha, content, prompts):
+                    status[case.case_id] = "skipped"
+                    yield None
+                    continue
             data = np.asarray(data[:])
             seg = np.asarray(seg[:])
+            if content is None:
+                content = case_content_sha1(data, seg)
+            keys[case.case_id] = (content, prompts, stat)
             u8 = to_uint8(data, normalization_schemes, params.teacher_channel, intensity_properties,
                           background=background_from_seg(seg))  # nnU-Net's own mask (METHODS.md §2.4)
             mask = mask_fn(case, data, seg) if mask_fn is not None else None
@@ -188,13 +210,15 @@ def generate_pseudolabels(
                 continue
             case, u8, mask, boxes = item
             prob, conf = (case_fn or pseudolabel_case)(teacher, u8, mask, params, case.case_id, boxes)
+            content, prompts, stat = keys.pop(case.case_id)
             save_pseudolabel(out, case.case_id, prob[None], conf[None], psha,
-                             source="labeled" if case.labeled else "unlabeled")
+                             source="labeled" if case.labeled else "unlabeled", content_sha1=content,
+                             prompts_sha1=prompts, stat=stat)
             status[case.case_id] = "done"
     finally:
         if hasattr(teacher, "close_prefetch"):
             teacher.close_prefetch()
-        write_manifest(out, params, info)
+        write_manifest(out, params, info, expected, unverified=[c for c in mine_ids if c not in status])
     return status
 
 
