@@ -148,3 +148,33 @@ def test_box_on_a_missing_slice_fails_before_writing(dataset, tmp_path):
                      str(out), check=False)
     assert r.returncode == 2 and "synth_0005" in _last_line(r) and "not inside" in _last_line(r)
     assert not out.exists()  # no manifest.json listing 0 cases left behind
+
+
+def _foreign_checkpoints(tmp_path: Path) -> dict[str, Path]:
+    rnd = tmp_path / "random.pth"
+    rnd.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    nnunet = tmp_path / "checkpoint_final.pth"  # what nnU-Net's save_checkpoint writes (numpy floats in logging)
+    torch.save({"network_weights": {"encoder.stages.0.0.convs.0.conv.weight": torch.zeros(2, 1, 3, 3)},
+                "optimizer_state": {}, "logging": {"ema_fg_dice": [np.float64(0.5)]}, "current_epoch": 1,
+                "init_args": {"fold": 0}, "trainer_name": "nnUNetTrainer",
+                "inference_allowed_mirroring_axes": (0, 1)}, nnunet)
+    return {"random": rnd, "nnunet": nnunet}
+
+
+def test_foreign_teacher_checkpoints_give_one_line(dataset, tmp_path):
+    from nnunet_semisam.teachers.factory import load_teacher
+
+    files = _foreign_checkpoints(tmp_path)
+    for kind, path in files.items():
+        with pytest.raises(SemiSAMError) as e:
+            load_teacher(path)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: not a SAM / MedSAM / LiteMedSAM checkpoint (") and "\n" not in msg
+        assert "Weights only" not in msg and (kind != "nnunet" or "nnU-Net" in msg)
+    out = tmp_path / "never"
+    for kind, path in files.items():
+        r = _pseudolabel(dataset["env"], str(path), "--prompts", "gt-boxes", "-o", str(out), check=False)
+        last = _last_line(r)
+        assert r.returncode == 2 and last.startswith(f"error: {path}: not a SAM / MedSAM / LiteMedSAM checkpoint (")
+        assert "Weights only" not in r.stderr and (kind != "nnunet" or "nnU-Net training checkpoint" in last)
+    assert not out.exists()

@@ -5,7 +5,8 @@ A teacher *spec* is what a user writes on the command line (`--teacher`, `--chec
   verified by size and sha256 (`LiteMedSAMTeacher.from_package`). The default everywhere.
 - a path to a checkpoint file: a LiteMedSAM state dict (its TinyViT keys) gives a `LiteMedSAMTeacher`; anything else
   is read as a SAM / MedSAM checkpoint (`medsam_vit_b.pth`, `sam_vit_b_01ec64.pth`, this package's SAM format) and
-  gives a `MedSAMTeacher`. A missing, truncated or foreign file is a one-line `SemiSAMError` naming it.
+  gives a `MedSAMTeacher`. A missing, truncated or foreign file (random bytes, an nnU-Net `checkpoint_final.pth`)
+  is a one-line `SemiSAMError` `<path>: not a SAM / MedSAM / LiteMedSAM checkpoint (...)`.
 - `"embedded"`: the small CPU-trained stand-in teacher shipped for tests (never a default).
 Both teacher classes share the interface the pipelines use: `embed`, `segment`, `prefetch`, `close_prefetch`,
 `checkpoint_sha1`, `model_type`, `cache`, and the FPKDM feature methods `feature_input`, `first_tap`,
@@ -27,15 +28,30 @@ SAM_ENV = "SEMISAM_SAM_CHECKPOINT"  # the original SAM for the "w/o MedSAM" abla
 DEFAULT_TEACHER = "litemedsam"
 
 
-def _is_litemedsam_file(path: Path) -> bool:
-    """True when the file holds a LiteMedSAM state dict (TinyViT encoder keys); False for anything else readable."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - unreadable files are reported by the SAM loader with their name
-        return False
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    return isinstance(obj, dict) and any(str(k).startswith("image_encoder.layers.") for k in obj)
+def _checkpoint_kind(path: Path) -> str:
+    """"litemedsam" (TinyViT encoder keys) or "sam" (anything else in a SAM / MedSAM format) for a readable file;
+    a one-line SemiSAMError `<path>: not a SAM / MedSAM / LiteMedSAM checkpoint (...)` for random bytes, a
+    truncated file, an nnU-Net `checkpoint_final.pth` or any other foreign object."""
+    from nnunet_semisam.teachers.sam_models import (CHECKPOINT_FORMAT, NOT_A_TEACHER, describe_foreign,
+                                                    read_checkpoint_object)
+
+    obj = read_checkpoint_object(path)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        return "sam"
+    if isinstance(obj, dict):
+        for k in ("model", "state_dict"):
+            if isinstance(obj.get(k), dict):
+                obj = obj[k]
+                break
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if any(str(k).startswith("image_encoder.layers.") for k in obj):
+            return "litemedsam"
+        if any(str(k).startswith(("image_encoder.", "mask_decoder.", "prompt_encoder.")) for k in obj):
+            return "sam"
+        keys = sorted(str(k) for k in obj)[:3]
+        raise SemiSAMError(f"{path}: {NOT_A_TEACHER} (its tensors {keys} have no 'image_encoder.*' / "
+                           "'mask_decoder.*' weights)")
+    raise SemiSAMError(f"{path}: {NOT_A_TEACHER} ({describe_foreign(obj)})")
 
 
 def load_teacher(spec: str | os.PathLike | None = None, device: str | torch.device = "cpu",
@@ -56,7 +72,7 @@ def load_teacher(spec: str | os.PathLike | None = None, device: str | torch.devi
     if not path.is_file():
         raise SemiSAMError(f"teacher checkpoint not found: {path} (give a local file such as medsam_vit_b.pth, "
                            f"'{DEFAULT_TEACHER}' for the bundled LiteMedSAM, or nothing; nothing is downloaded)")
-    if model_type is None and _is_litemedsam_file(path):
+    if model_type is None and _checkpoint_kind(path) == "litemedsam":
         from nnunet_semisam.teachers.litemedsam import LiteMedSAMTeacher
 
         return LiteMedSAMTeacher.from_checkpoint(path, device=device, cache=cache)

@@ -125,8 +125,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a user error about this file
-        msg = " ".join(str(e).split())[:160]
-        raise SemiSAMError(f"{not_lite} (cannot be read as a torch state dict: {type(e).__name__}: {msg})") from None
+        from nnunet_semisam.teachers.sam_models import unreadable_reason
+
+        why = unreadable_reason(path, e).replace("cannot read it", "cannot be read", 1)
+        raise SemiSAMError(f"{not_lite} ({why})") from None
     if isinstance(obj, dict):
         for k in ("model", "state_dict"):
             if isinstance(obj.get(k), dict):

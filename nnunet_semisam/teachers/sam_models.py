@@ -105,6 +105,92 @@ def _detect_model_type(state_dict: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
+NOT_A_TEACHER = "not a SAM / MedSAM / LiteMedSAM checkpoint"
+_NNUNET_KEYS = ("network_weights", "trainer_name", "init_args", "optimizer_state")
+
+
+def _pickle_names(path: Path, limit: int = 16 << 20) -> tuple[set[str], set[str]] | None:
+    """(strings, globals) named in a torch file's pickle, read with `pickletools` (nothing is executed), or None
+    when the file is no readable torch zip archive / legacy pickle."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+                if pkl is None:
+                    return None
+                data = z.read(pkl)[:limit]
+        else:
+            with open(path, "rb") as f:
+                data = f.read(limit)
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return None
+    strings: set[str] = set()
+    globs: set[str] = set()
+    last: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str) and "UNICODE" in op.name:
+                strings.add(arg)
+                last = (last + [arg])[-2:]
+            elif op.name == "GLOBAL" and isinstance(arg, str):
+                globs.add(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(last) == 2:
+                globs.add(".".join(last))
+    except Exception:  # noqa: BLE001 - a broken pickle stream: whatever was seen so far
+        if not strings and not globs:
+            return None
+    return strings, globs
+
+
+def describe_foreign(obj: Any) -> str:
+    """What a loaded checkpoint object holds, for an error message (nnU-Net checkpoints named as such)."""
+    if isinstance(obj, dict) and any(k in obj for k in _NNUNET_KEYS[:2]):
+        return "it is an nnU-Net training checkpoint ('network_weights', 'trainer_name'), not teacher weights"
+    if isinstance(obj, dict):
+        keys = sorted(str(k) for k in obj)[:4]
+        return f"it holds a dict with keys {keys}, expected SAM/MedSAM ('image_encoder.blocks.*') or LiteMedSAM " \
+               "('image_encoder.layers.*') parameter tensors"
+    return f"it holds a {type(obj).__name__}, expected a state dict of parameter tensors"
+
+
+def unreadable_reason(path: str | os.PathLike, exc: BaseException) -> str:
+    """Why `torch.load(path, weights_only=True)` failed, in one short phrase (torch's own advice text left out)."""
+    import zipfile
+
+    path = Path(path)
+    head = path.read_bytes()[:4] if path.is_file() else b""
+    if path.stat().st_size == 0:
+        return "cannot read it: the file is empty"
+    names = _pickle_names(path)
+    if names is not None:
+        strings, globs = names
+        if any(k in strings for k in _NNUNET_KEYS[:2]):
+            return "cannot read it as teacher weights: it is an nnU-Net training checkpoint ('network_weights', " \
+                   "'trainer_name')"
+        foreign = sorted(g for g in globs if not g.startswith(("torch.", "collections.OrderedDict")))
+        if foreign:
+            return f"cannot read it as a state dict of tensors: it pickles Python objects such as {foreign[0]}"
+    if head.startswith(b"PK"):
+        return "cannot read it: a truncated or corrupted torch archive" + (
+            "" if zipfile.is_zipfile(path) else " (no zip directory)")
+    if head[:1] == b"\x80":
+        return "cannot read it: a truncated or corrupted pickle"
+    return f"cannot read it: not a torch file ({type(exc).__name__})"
+
+
+def read_checkpoint_object(path: str | os.PathLike) -> Any:
+    """`torch.load(path, weights_only=True)` on CPU; a one-line SemiSAMError `<path>: not a SAM / MedSAM /
+    LiteMedSAM checkpoint (<why>)` for random bytes, a truncated file, an nnU-Net checkpoint, pickled objects."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem is a user error about this file
+        raise SemiSAMError(f"{path}: {NOT_A_TEACHER} ({unreadable_reason(path, e)})") from None
+
+
 def load_sam_checkpoint(path: str | os.PathLike, model_type: str | None = None,
                         device: str | torch.device = "cpu") -> tuple[nn.Module, str, str]:
     """Build the SAM of `model_type` and load the checkpoint at `path` into it (strict), in `eval()` mode.
@@ -117,20 +203,17 @@ def load_sam_checkpoint(path: str | os.PathLike, model_type: str | None = None,
     if not path.is_file():
         raise SemiSAMError(f"SAM/MedSAM checkpoint not found: {path} (give a local file, e.g. medsam_vit_b.pth; "
                            "nothing is downloaded)")
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling problem is a user error about this file
-        raise SemiSAMError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    obj: Any = read_checkpoint_object(path)
     arch = None
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         state_dict, model_type = obj["state_dict"], model_type or obj["model_type"]
         arch = obj.get("arch")
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         state_dict = obj["model"]
-    elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         state_dict = obj
     else:
-        raise SemiSAMError(f"checkpoint {path} is not a SAM state dict (expected parameter tensors)")
+        raise SemiSAMError(f"{path}: {NOT_A_TEACHER} ({describe_foreign(obj)})")
     if model_type is None:
         model_type = _detect_model_type(state_dict)
         if model_type is None:
