@@ -178,3 +178,64 @@ def test_foreign_teacher_checkpoints_give_one_line(dataset, tmp_path):
         assert r.returncode == 2 and last.startswith(f"error: {path}: not a SAM / MedSAM / LiteMedSAM checkpoint (")
         assert "Weights only" not in r.stderr and (kind != "nnunet" or "nnU-Net training checkpoint" in last)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ item 6: split-labels leak
+
+def test_split_labels_on_a_preprocessed_dataset_refuses_or_cleans(dataset, tmp_path):
+    env, pp = _private(dataset, tmp_path)
+    (raw,) = Path(env["nnUNet_raw"]).glob(f"Dataset{DS}_*")
+    splits = pp / "splits_final.json"
+    splits.write_text(json.dumps([{"train": LABELED[:2], "val": LABELED[2:]}]))
+    before = sorted(p.name for p in (raw / "imagesTr").iterdir())
+    r = run_cmd(["nnunet-semisam", "split-labels", "-d", str(DS), "--num-labeled", "1", "--quiet"], env, check=False)
+    last = _last_line(r)
+    assert r.returncode == 2 and last.startswith(f"error: {pp} holds preprocessed data from before this split")
+    assert "3 training cases" in last and "splits_final.json" in last and "--clean-preprocessed" in last
+    assert sorted(p.name for p in (raw / "imagesTr").iterdir()) == before  # nothing moved
+    assert not (raw / "split_labels.json").exists()
+
+    r = run_cmd(["nnunet-semisam", "split-labels", "-d", str(DS), "--num-labeled", "1", "--quiet",
+                 "--clean-preprocessed"], env)
+    plan = json.loads((raw / "split_labels.json").read_text())
+    assert len(plan["unlabeled"]) == 2 and "removed" in r.stdout and not splits.exists()
+    for moved in plan["unlabeled"]:
+        assert not list(pp.glob(f"*/{moved}.*")) and not list(pp.glob(f"*/{moved}_seg.*")), moved
+    (kept,) = plan["labeled"]
+    assert (pp / "nnUNetPlans_2d" / f"{kept}.b2nd").is_file() and (pp / "gt_segmentations" / f"{kept}.png").is_file()
+    assert len(list((pp / "nnUNetPlans_2d_unlabeled").glob("*_seg.b2nd"))) == 3  # the real unlabeled cases stay
+
+
+def test_split_labels_refuses_ids_both_in_imagesTr_and_imagesUnlabeled(dataset, tmp_path):
+    env, pp = _private(dataset, tmp_path)
+    shutil.rmtree(pp)
+    (raw,) = Path(env["nnUNet_raw"]).glob(f"Dataset{DS}_*")
+    shutil.copy(raw / "imagesTr" / "synth_0001_0000.png", raw / "imagesUnlabeled" / "synth_0001_0000.png")
+    r = run_cmd(["nnunet-semisam", "split-labels", "-d", str(DS), "--num-labeled", "1", "--quiet"], env, check=False)
+    last = _last_line(r)
+    assert r.returncode == 2 and last.startswith("error: 1 case identifier is both training cases") and \
+        "synth_0001" in last and "imagesUnlabeled" in last
+    assert not (raw / "split_labels.json").exists()
+
+
+def test_check_disjoint_names_the_colliding_identifiers(tmp_path):
+    from nnunet_semisam.data.disjoint import check_disjoint, check_splits_disjoint
+    from nnunet_semisam.data.split_labels import check_disjoint as same
+
+    assert same is check_disjoint
+    check_disjoint(["a", "b"], ["c"], test_ids=["d"])
+    with pytest.raises(SemiSAMError, match=r"^2 case identifiers are both labeled training cases \(imagesTr\) and "
+                                           r"unlabeled cases \(imagesUnlabeled\): a, b; "):
+        check_disjoint(["a", "b", "x"], ["b", "a", "c"])
+    with pytest.raises(SemiSAMError, match=r"unlabeled cases \(imagesUnlabeled\) and test cases \(imagesTs\): c"):
+        check_disjoint(["a"], ["c"], test_ids=["c"])
+    check_disjoint(["a"], ["c"], test_ids=["c"], allow_unlabeled_test_overlap=True)  # transductive, explicit
+    with pytest.raises(SemiSAMError, match="labeled training cases .* and test cases"):
+        check_disjoint(["a"], ["c"], test_ids=["a"], allow_unlabeled_test_overlap=True)
+    with pytest.raises(SemiSAMError, match=r"c0, c1, c2, c3, c4, \.\.\. \(7 in all\)"):
+        check_disjoint([f"c{i}" for i in range(7)], [f"c{i}" for i in range(7)])
+    splits = tmp_path / "splits_final.json"
+    splits.write_text(json.dumps([{"train": ["a", "u1"], "val": ["b"]}]))
+    check_splits_disjoint(splits, ["u2"])
+    with pytest.raises(SemiSAMError, match=r"splits_final.json lists 1 of the unlabeled cases as train cases: u1"):
+        check_splits_disjoint(splits, ["u1", "u2"])

@@ -20,7 +20,8 @@ def run_split_labels(args: argparse.Namespace) -> int:
     from nnunet_semisam.data.split_labels import resolve_raw_dataset, split_labels
 
     split_labels(resolve_raw_dataset(args.d), fraction=args.fraction, num_labeled=args.num_labeled, seed=args.seed,
-                 force=args.force, by_case=args.by_case, num_processes=args.np, progress=not args.quiet)
+                 force=args.force, by_case=args.by_case, num_processes=args.np, progress=not args.quiet,
+                 clean_preprocessed=args.clean_preprocessed)
     return 0
 
 
@@ -64,6 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--force", action="store_true", help="restore a previous split first, then split again")
     s.add_argument("--by-case", action="store_true",
                    help="count and pick cases even when conversion.json groups them by patient")
+    s.add_argument("--clean-preprocessed", action="store_true",
+                   help="when $nnUNet_preprocessed/DatasetXXX already holds preprocessed training cases or "
+                        "splits_final.json (preprocessed before the split), delete the moved cases and "
+                        "splits_final.json from it instead of refusing")
     s.add_argument("-np", type=int, default=1, help="processes for reading labels (default 1)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=run_split_labels)

@@ -14,7 +14,14 @@ broken at random), drawn at random within the stratum: no stratum ends up all on
 
 Safety: the plan is written before any file moves; moves are idempotent renames, so an interrupted run is finished
 by running the same command again. A finished split is refused a second time unless `force=True`, which first
-restores the held-out cases to `imagesTr/labelsTr` and then splits anew.
+restores the held-out cases to `imagesTr/labelsTr` and then splits anew. Case identifiers of `imagesTr` and an
+existing `imagesUnlabeled` must be disjoint (`nnunet_semisam.data.disjoint.check_disjoint`).
+
+Preprocessed data (label leak guard): when `$nnUNet_preprocessed/DatasetXXX_Name` already holds preprocessed
+training cases or a `splits_final.json` (the dataset was preprocessed before the split), the moved cases would stay
+there with their labels and nnU-Net would train and validate on them. The split is refused before anything moves,
+unless `clean_preprocessed=True` (`--clean-preprocessed`), which deletes every file of the moved cases from that
+folder's sub-folders and the stale `splits_final.json` after the split (`stale_preprocessed`).
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
+from nnunet_semisam.data.disjoint import check_disjoint, check_splits_disjoint  # noqa: F401 - importable here
 from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.io import atomic_write_json
 
@@ -188,6 +196,60 @@ def restore_heldout(dataset_dir: Path, progress: bool = True) -> int:
     return len(plan["unlabeled"])
 
 
+# ------------------------------------------------------------------------------------ preprocessed leftovers
+
+SPLITS_FILE = "splits_final.json"
+# files nnU-Net and this plugin write per case into the sub-folders of a preprocessed dataset
+_CASE_SUFFIXES = ("_seg.b2nd", ".b2nd", ".pkl", "_seg.npy", ".npy", ".npz", ".json")
+
+
+def preprocessed_dataset_dir(dataset_dir: Path) -> Path | None:
+    """`$nnUNet_preprocessed/<dataset folder name>` when nnUNet_preprocessed is set, else None."""
+    pre = os.environ.get("nnUNet_preprocessed")
+    return Path(pre) / Path(dataset_dir).name if pre else None
+
+
+def _preprocessed_case_id(name: str, ids: set[str], file_ending: str) -> str | None:
+    for suffix in (file_ending, *_CASE_SUFFIXES):
+        if name.endswith(suffix) and name[: -len(suffix)] in ids:
+            return name[: -len(suffix)]
+    return None
+
+
+def stale_preprocessed(pp_dir: Path | None, case_ids, file_ending: str) -> list[Path]:
+    """Files of `case_ids` in the sub-folders of the preprocessed dataset folder `pp_dir` (nnU-Net's
+    `<data_identifier>/CASE.b2nd|_seg.b2nd|.pkl|.npz|.npy`, `gt_segmentations/CASE<ending>`, the plugin's
+    `*_pseudolabels/CASE.npz|.json`, ...), plus its `splits_final.json`; sorted."""
+    if pp_dir is None or not pp_dir.is_dir():
+        return []
+    ids = set(case_ids)
+    out = [pp_dir / SPLITS_FILE] if (pp_dir / SPLITS_FILE).is_file() else []
+    for sub in sorted(p for p in pp_dir.iterdir() if p.is_dir()):
+        out += [f for f in sub.iterdir() if f.is_file() and not f.name.startswith(".")
+                and _preprocessed_case_id(f.name, ids, file_ending) is not None]
+    return sorted(out)
+
+
+def _refuse_stale_preprocessed(dataset_dir: Path, pp_dir: Path | None, candidates, file_ending: str) -> None:
+    stale = stale_preprocessed(pp_dir, candidates, file_ending)
+    if not stale:
+        return
+    n = len({_preprocessed_case_id(f.name, set(candidates), file_ending) for f in stale if f.parent != pp_dir})
+    what = ", ".join(x for x in ([f"files of {n} training cases"] if n else [])
+                     + ([SPLITS_FILE] if pp_dir / SPLITS_FILE in stale else []))
+    raise SemiSAMError(f"{pp_dir} holds preprocessed data from before this split ({what}): the cases moved to "
+                       f"{UNLABELED_IMAGES}/ would stay there with their labels and nnU-Net would train and validate "
+                       f"on them; delete that folder and run nnUNetv2_plan_and_preprocess after split-labels, or "
+                       f"pass --clean-preprocessed to delete the moved cases and {SPLITS_FILE} from it")
+
+
+def _clean_stale_preprocessed(pp_dir: Path | None, moved, file_ending: str) -> int:
+    stale = stale_preprocessed(pp_dir, moved, file_ending)
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return len(stale)
+
+
 def _load_json(path: Path):
     import json
 
@@ -195,16 +257,25 @@ def _load_json(path: Path):
         return json.load(f)
 
 
+def _report_clean(pp_dir: Path | None, n: int, dataset_dir: Path) -> None:
+    if n:
+        print(f"removed {n} stale files (the moved cases, {SPLITS_FILE}) from {pp_dir}; its fingerprint and plans "
+              f"still count the moved cases: rerun nnUNetv2_plan_and_preprocess -d {dataset_dir.name} for plans of "
+              f"the labeled cases alone")
+
+
 # ------------------------------------------------------------------------------------------------------ entry
 
 def split_labels(dataset_dir: str | os.PathLike, fraction: float | None = None, num_labeled: int | None = None,
                  seed: int = 0, force: bool = False, by_case: bool = False, num_processes: int = 1,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, clean_preprocessed: bool = False) -> dict:
     """Keep `fraction` (rounded half up, at least 1) or `num_labeled` units labeled; move the rest to the unlabeled pool.
 
     Units are patients when `conversion.json` has `groups` (unless `by_case`), else cases. Returns the plan as
     written to `split_labels.json`. Raises `SemiSAMError` for bad arguments, a dataset already split (without
-    `force`), or an interrupted split with other settings.
+    `force`), an interrupted split with other settings, identifiers both in imagesTr and imagesUnlabeled, or a
+    preprocessed folder of the dataset holding training cases or splits_final.json (without `clean_preprocessed`,
+    which deletes the moved cases and splits_final.json from it; module docstring).
     """
     dataset_dir = Path(dataset_dir)
     if (fraction is None) == (num_labeled is None):
@@ -220,27 +291,38 @@ def split_labels(dataset_dir: str | os.PathLike, fraction: float | None = None, 
     request = {"fraction": fraction, "num_labeled": num_labeled, "seed": seed, "by_case": by_case}
 
     record = dataset_dir / SPLIT_RECORD
-    if record.is_file():
-        old = _load_json(record)
+    ending = dataset_json["file_ending"]
+    pp_dir = preprocessed_dataset_dir(dataset_dir)
+    old = _load_json(record) if record.is_file() else None
+    if old is not None and old.get("status") == "done" and not force:
+        raise SemiSAMError(f"{dataset_dir.name} is already split ({len(old['labeled'])} labeled, "
+                           f"{len(old['unlabeled'])} unlabeled cases, see {record}); pass --force to restore "
+                           f"and re-split")
+    if not clean_preprocessed:  # before anything moves: any training case may end up unlabeled
+        candidates = set(list_cases(dataset_dir / "imagesTr", ending)) | set((old or {}).get("unlabeled", []))
+        _refuse_stale_preprocessed(dataset_dir, pp_dir, candidates, ending)
+    if old is not None:
         if force:
             n = restore_heldout(dataset_dir, progress)
             print(f"restored {n} held-out cases of the previous split to imagesTr/labelsTr")
-        elif old.get("status") == "done":
-            raise SemiSAMError(f"{dataset_dir.name} is already split ({len(old['labeled'])} labeled, "
-                               f"{len(old['unlabeled'])} unlabeled cases, see {record}); pass --force to restore "
-                               f"and re-split")
         elif old.get("request") == request:
             print(f"finishing the interrupted split recorded in {record}")
-            return apply_plan(dataset_dir, old, progress)
+            plan = apply_plan(dataset_dir, old, progress)
+            if clean_preprocessed:
+                _report_clean(pp_dir, _clean_stale_preprocessed(pp_dir, plan["unlabeled"], ending), dataset_dir)
+            return plan
         else:
             raise SemiSAMError(f"an interrupted split with other settings is recorded in {record}; rerun it with "
                                f"{old.get('request')} to finish it, or pass --force")
         dataset_json = _load_json(dataset_dir / "dataset.json")
 
-    ending = dataset_json["file_ending"]
     cases = list_cases(dataset_dir / "imagesTr", ending)
     if not cases:
         raise SemiSAMError(f"no training images '*_0000{ending}' in {dataset_dir / 'imagesTr'}")
+    check_disjoint(cases, list_cases(dataset_dir / UNLABELED_IMAGES, ending),
+                   labeled_source=f"training cases ({dataset_dir.name}/imagesTr)",
+                   unlabeled_source=f"unlabeled cases ({dataset_dir.name}/{UNLABELED_IMAGES})",
+                   fix=f"rename or remove the {UNLABELED_IMAGES}/ ones before split-labels moves cases there")
     labels = {c: dataset_dir / "labelsTr" / f"{c}{ending}" for c in cases}
     missing = next((p for p in labels.values() if not p.is_file()), None)
     if missing is not None:
@@ -283,9 +365,10 @@ def split_labels(dataset_dir: str | os.PathLike, fraction: float | None = None, 
     }
     atomic_write_json(record, plan)
     plan = apply_plan(dataset_dir, plan, progress)
-    pre = os.environ.get("nnUNet_preprocessed")
-    if pre and (Path(pre) / dataset_dir.name).is_dir():
-        print(f"note: {Path(pre) / dataset_dir.name} predates this split; rerun nnUNetv2_plan_and_preprocess")
+    if clean_preprocessed:
+        _report_clean(pp_dir, _clean_stale_preprocessed(pp_dir, plan["unlabeled"], ending), dataset_dir)
+    elif pp_dir is not None and pp_dir.is_dir():
+        print(f"note: {pp_dir} predates this split; rerun nnUNetv2_plan_and_preprocess")
     print(f"{dataset_dir.name}: {len(labeled_units)} of {total} {plan['unit']}s labeled "
           f"({len(plan['labeled'])} cases), {len(plan['unlabeled'])} cases moved to {UNLABELED_IMAGES}/")
     return plan
