@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[str]:
@@ -57,3 +59,38 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int =
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def image_truncation(path: str | os.PathLike) -> str | None:
+    """Why a NIfTI file is shorter than its header says (None if complete, or not NIfTI).
+
+    SimpleITK zero-fills a truncated `.nii` / `.nii.gz` without a word, so readers that feed training check this
+    first: `.nii` by file size against the header (instant), `.nii.gz` by decompressing as a stream (no array).
+    """
+    import gzip
+    import zlib
+
+    path = str(path)
+    if not path.endswith((".nii", ".nii.gz")):
+        return None
+    import nibabel
+
+    try:
+        img = nibabel.load(path)
+    except Exception as e:  # unreadable header: let the caller's reader report it, with this reason
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable header'}"
+    header = img.header
+    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    if path.endswith(".nii"):
+        size = os.path.getsize(path)
+    else:
+        size = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    size += len(block)
+        except (EOFError, OSError, zlib.error) as e:
+            return f"truncated or corrupt gzip stream ({type(e).__name__}: {e})"
+    if size < expected:
+        return f"truncated: {size} bytes (header and voxels), its header needs {expected}"
+    return None

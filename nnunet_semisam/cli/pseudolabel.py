@@ -281,6 +281,12 @@ def run(args: argparse.Namespace) -> int:
         if not ids:
             raise SemiSAMError(f"no preprocessed unlabeled cases in {unl}: run nnunet-semisam preprocess-unlabeled "
                                f"-d {args.d} -c {args.c}")
+        if which == "all":  # one output file per case id: a shared id would give one case the other's label
+            from nnunet_semisam.data.disjoint import check_disjoint
+
+            check_disjoint([c.case_id for c in cases], ids, labeled_source=f"labeled cases ({labeled_folder})",
+                           unlabeled_source=f"unlabeled cases ({unl})",
+                           fix="rename them in imagesUnlabeled/ and rerun nnunet-semisam preprocess-unlabeled")
         cases += [CaseSource(c, str(unl), False) for c in ids]
     if not cases:
         raise SemiSAMError(f"no {which} cases found for dataset {args.d}, configuration {args.c}")
