@@ -56,8 +56,12 @@ def test_interrupted_run_leaves_only_complete_cases_and_resumes(tmp_path):
     for case in listed:  # every listed case loads completely
         data, seg, _, props = nnUNetDatasetBlosc2(str(folder), [case]).load_case(case)
         assert np.asarray(data).shape == np.asarray(seg).shape[:0] + (3, 1, 64, 64)
+    manifest = json.loads((folder / "manifest.json").read_text())  # a killed run reads as incomplete
+    assert manifest["complete"] is False and manifest["num_expected"] == 40
     run_cmd(["nnunet-semisam", "preprocess-unlabeled", "-d", "991", "-c", "2d", "--quiet"], env)
     assert len(nnUNetDatasetBlosc2.get_identifiers(str(folder))) == 40
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["num_done"] == 40
     assert not list(folder.glob(".partial_*")) and not list(folder.glob(".tmp_*"))
     resumed = {c: np.asarray(nnUNetDatasetBlosc2(str(folder), [c]).load_case(c)[0]) for c in listed}
     run_cmd(["nnunet-semisam", "preprocess-unlabeled", "-d", "991", "-c", "2d", "--quiet", "--overwrite"], env)
