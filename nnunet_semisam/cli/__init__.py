@@ -25,6 +25,7 @@ VERB_MODULES = (
     "nnunet_semisam.cli.complexity",
     "nnunet_semisam.cli.pseudolabel",
     "nnunet_semisam.cli.convert",
+    "nnunet_semisam.cli.benchmark",
 )
 
 
