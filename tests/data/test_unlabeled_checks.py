@@ -166,3 +166,15 @@ def test_truncated_nifti_and_mismatched_channels_are_named(mri2d):
     assert "has channel files of different sizes" in line and first.name in line
     first.write_bytes(backup)
     assert "2 of 2 done" in _ok(env, "preprocess-unlabeled", "-d", "993")
+
+
+def test_pseudolabel_all_refuses_an_id_in_both_pools(copy2d):
+    """Item 2 downstream: a preprocessed unlabeled case sharing a labeled case's id (made before these checks
+    existed) would get the labeled case's pseudo-label file; `pseudolabel --cases all` refuses it."""
+    env, raw, folder = copy2d
+    labeled = folder.parent / "nnUNetPlans_2d"
+    for f in labeled.glob("synth_0000*"):
+        shutil.copy(f, folder / f.name)
+    line = _err(env, "pseudolabel", "-d", "990", "-c", "2d", "--prompts", "student", "--student-model",
+                str(raw), "--cases", "all")
+    assert "1 case identifier is both labeled cases" in line and "synth_0000" in line
