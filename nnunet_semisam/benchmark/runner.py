@@ -252,6 +252,9 @@ def prepare_derived(ctx: Context, d: Derived, log: Path) -> str:
     digest = plans_digest(pre / f"{PLANS}.json")
     if digest != expected:
         raise SemiSAMError(f"the plans moved to {d.dataset_name} differ from {ctx.source_name}'s")
+    shutil.copy2(raw / "dataset.json", pre / "dataset.json")  # as nnU-Net's planner does; preprocessing reads it
+    # the fingerprint the shared plans were made from (nnUNetv2_train copies it next to the model)
+    shutil.copy2(ctx.preprocessed / ctx.source_name / "dataset_fingerprint.json", pre / "dataset_fingerprint.json")
     _check(["nnUNetv2_preprocess", "-d", str(d.dataset_id), "-plans_name", PLANS, "-c", ctx.configuration, "-np",
             str(ctx.num_processes)], env, log)
     _check(["nnunet-semisam", "preprocess-unlabeled", "-d", str(d.dataset_id), "-c", ctx.configuration, "-p", PLANS,

@@ -1,0 +1,203 @@
+"""The pure parts of `nnunet-semisam benchmark` (issue 15): plan of runs, aggregation and statistics, SLURM script,
+one-line errors on bad input. No nnU-Net subprocesses."""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+
+import numpy as np
+import pytest
+
+from nnunet_semisam.benchmark import BenchmarkOptions, run_benchmark, slurm_script
+from nnunet_semisam.benchmark.plan import Protocol, format_plan, make_plan
+from nnunet_semisam.benchmark.report import collect, markdown, summarize, wilcoxon_p
+from nnunet_semisam.benchmark.runner import plans_digest
+from nnunet_semisam.errors import SemiSAMError
+
+
+def test_plan_is_deterministic_with_baseline_first_and_reference_last():
+    args = (5, "Dataset005_Lesions", ["MeanTeacherTrainer", "nnUNetTrainer"], [0.2, 0.1], [8, 4], [0, 1])
+    derived, runs = make_plan(*args, configuration="2d", fold="all", schedule="smoke", id_base=4)
+    assert make_plan(*args, configuration="2d", fold="all", schedule="smoke", id_base=4) == (derived, runs)
+    # ids count up from --id-base in plan order, skipping the source id (5)
+    assert [(d.dataset_id, d.dataset_name) for d in derived] == [
+        (4, "Dataset004_Lesions_10pct_s0"), (6, "Dataset006_Lesions_10pct_s1"), (7, "Dataset007_Lesions_20pct_s0"),
+        (8, "Dataset008_Lesions_20pct_s1"), (9, "Dataset009_Lesions_4lab_s0"), (10, "Dataset010_Lesions_4lab_s1"),
+        (11, "Dataset011_Lesions_8lab_s0"), (12, "Dataset012_Lesions_8lab_s1")]
+    assert len(runs) == 8 * 2 + 1 and [r.index for r in runs] == list(range(17))
+    assert [r.run_id for r in runs[:3]] == ["10pct_s0_nnUNetTrainer", "10pct_s0_MeanTeacherTrainer",
+                                             "10pct_s1_nnUNetTrainer"]
+    assert runs[1].trainer == "MeanTeacherTrainer_smoke" and runs[1].dataset_id == 4
+    ref = runs[-1]
+    assert (ref.run_id, ref.dataset_id, ref.seed, ref.protocol.label) == ("full_nnUNetTrainer", 5, None, "100 %")
+    assert len({r.run_id for r in runs}) == len(runs)
+    assert "full_nnUNetTrainer" in format_plan(runs)
+    _, no_ref = make_plan(*args, schedule="full", reference=False)
+    assert all(r.protocol.kind != "full" for r in no_ref) and no_ref[0].trainer == "nnUNetTrainer"
+
+
+def test_protocol_names():
+    assert (Protocol("fraction", 0.1).slug, Protocol("fraction", 0.1).label) == ("10pct", "10 %")
+    assert Protocol("fraction", 0.125).slug == "12p5pct"
+    assert (Protocol("labeled", 4).slug, Protocol("labeled", 4).label) == ("4lab", "4 labeled")
+    assert Protocol("labeled", 4).split_args() == ["--num-labeled", "4"]
+    assert Protocol("fraction", 0.2).split_args() == ["--fraction", "0.2"]
+    assert Protocol("labeled", 4).labeled_fraction(80) == 0.05
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(fractions=[1.0]), r"\(0, 1\)"), (dict(fractions=[0.0]), r"\(0, 1\)"), (dict(fractions=[float("nan")]), "0, 1"),
+    (dict(labeled=[0]), ">= 1"), (dict(fractions=None, labeled=None), "at least one label protocol"),
+    (dict(seeds=[0, 0]), "duplicates"), (dict(seeds=[]), "at least one seed"), (dict(id_base=998), "past 999"),
+    (dict(trainers=["MeanTeacherTrainer_smoke"]), "without its schedule suffix"),
+    (dict(configuration="3d"), "unknown configuration"), (dict(schedule="long"), "unknown schedule"),
+    (dict(fold="x"), "fold"),
+])
+def test_plan_rejects_bad_input(kw, match):
+    args = dict(source_id=1, source_name="Dataset001_X", trainers=[], fractions=[0.1, 0.2], labeled=None,
+                seeds=[0, 1], id_base=900)
+    args.update(kw)
+    with pytest.raises(SemiSAMError, match=match):
+        make_plan(**args)
+
+
+def _rows():
+    """A hand-made results table: baseline and MT at 10 % over seeds 0, 1 (4 cases each), MT seed 2 failed."""
+    rows = []
+    dice = {("nnUNetTrainer", 0): [0.5, 0.6, 0.7, 0.4], ("nnUNetTrainer", 1): [0.55, 0.65, 0.5, 0.45],
+            ("MeanTeacherTrainer", 0): [0.6, 0.7, 0.75, 0.5], ("MeanTeacherTrainer", 1): [0.6, 0.64, 0.7, 0.52]}
+    for (m, s), ds in dice.items():
+        for i, d in enumerate(ds):
+            rows.append({"run_id": f"10pct_s{s}_{m}", "method": m, "protocol": "10 %", "labeled_fraction": 0.1,
+                         "seed": s, "status": "done", "case": f"c{i}.png", "dice": d, "hd95_mm": 10 * (1 - d),
+                         "asd_mm": 2 * (1 - d), "train_s": 100.0 + s, "s_per_iteration": 0.5,
+                         "peak_rss_mb": 1000.0 + s, "error": None})
+    rows.append({"run_id": "10pct_s2_MeanTeacherTrainer", "method": "MeanTeacherTrainer", "protocol": "10 %",
+                 "labeled_fraction": 0.1, "seed": 2, "status": "failed", "case": None, "dice": None,
+                 "hd95_mm": None, "asd_mm": None, "train_s": None, "s_per_iteration": None, "peak_rss_mb": None,
+                 "error": "RuntimeError: CUDA out of memory"})
+    return rows, dice
+
+
+def test_summary_means_over_seeds_wilcoxon_and_failed_runs():
+    from scipy.stats import wilcoxon
+
+    rows, dice = _rows()
+    s = {(x["method"], x["protocol"]): x for x in summarize(rows)}
+    mt, base = s[("MeanTeacherTrainer", "10 %")], s[("nnUNetTrainer", "10 %")]
+    run_means = [np.mean(dice[("MeanTeacherTrainer", k)]) for k in (0, 1)]
+    assert mt["dice_mean"] == pytest.approx(np.mean(run_means))
+    assert mt["dice_std"] == pytest.approx(np.std(run_means, ddof=1))
+    assert (mt["n_runs"], mt["n_done"], mt["n_failed"]) == (3, 2, 1)  # the failed seed is counted, not averaged
+    assert mt["hd95_mm_mean"] == pytest.approx(np.mean([10 * (1 - np.mean(dice[("MeanTeacherTrainer", k)]))
+                                                        for k in (0, 1)]))
+    x = dice[("MeanTeacherTrainer", 0)] + dice[("MeanTeacherTrainer", 1)]
+    y = dice[("nnUNetTrainer", 0)] + dice[("nnUNetTrainer", 1)]
+    assert mt["wilcoxon_p"] == pytest.approx(wilcoxon(x, y).pvalue) and mt["n_pairs"] == 8
+    assert math.isnan(base["wilcoxon_p"]) and base["n_pairs"] == 0
+    assert (mt["train_s_mean"], mt["peak_rss_mb_max"]) == (100.5, 1001.0)
+    md = markdown(summarize(rows), rows, "t")
+    assert "| MeanTeacherTrainer | " in md and "(1 failed)" in md and "CUDA out of memory" in md
+    assert f"{100 * mt['dice_mean']:.2f} ± {100 * mt['dice_std']:.2f}" in md
+
+
+def test_wilcoxon_undefined_cases_are_nan():
+    assert math.isnan(wilcoxon_p([], []))
+    assert math.isnan(wilcoxon_p([0.5, 0.5], [0.5, 0.5]))
+    assert math.isnan(wilcoxon_p([float("nan")], [0.2]))
+
+
+def test_collect_rows_per_case_and_one_row_per_run_not_done():
+    _, runs = make_plan(1, "Dataset001_X", ["MeanTeacherTrainer"], [0.5], None, [0], reference=False)
+    metrics = {"cases": [{"case": "a.png", "metrics": {"1": {"dice": 0.5, "jaccard": 1 / 3, "hd95_mm": 2.0,
+                                                              "asd_mm": 1.0, "hd95_vox": 2.0, "asd_vox": 1.0},
+                                                        "2": {"dice": 1.0, "jaccard": 1.0, "hd95_mm": None,
+                                                              "asd_mm": 0.0, "hd95_vox": 0.0, "asd_vox": 0.0}}}]}
+    records = {runs[0].run_id: {"status": "done", "train_s": 3.0}, runs[1].run_id: None}
+    rows = collect(runs, records, {runs[0].run_id: metrics}, num_training=10)
+    assert [(r["run_id"], r["status"], r["case"]) for r in rows] == [
+        ("50pct_s0_nnUNetTrainer", "done", "a.png"), ("50pct_s0_MeanTeacherTrainer", "pending", None)]
+    assert rows[0]["dice"] == 0.75 and rows[0]["hd95_mm"] == 2.0  # mean over labels, NaN left out
+    assert rows[0]["labeled_fraction"] == 0.5 and rows[0]["train_s"] == 3.0
+
+
+def test_plans_digest_ignores_only_the_dataset_name(tmp_path):
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    plans = {"dataset_name": "Dataset001_X", "configurations": {"2d": {"patch_size": [32, 32]}}}
+    a.write_text(json.dumps(plans))
+    b.write_text(json.dumps({**plans, "dataset_name": "Dataset900_X_10pct_s0"}, indent=4))
+    c.write_text(json.dumps({**plans, "configurations": {"2d": {"patch_size": [64, 64]}}}))
+    assert plans_digest(a) == plans_digest(b) != plans_digest(c)
+
+
+def test_slurm_script_is_one_array_line_of_the_resumable_command(tmp_path):
+    _, runs = make_plan(1, "Dataset001_X", ["MeanTeacherTrainer"], [0.1], [4], [0, 1])
+    cmd = ["nnunet-semisam", "benchmark", "-d", "/data/raw/Dataset001_X", "-o", str(tmp_path / "my out")]
+    text = slurm_script(cmd, runs, tmp_path / "my out", "cuda")
+    lines = text.splitlines()
+    assert lines[0] == "#!/bin/bash" and f"#SBATCH --array=0-{len(runs) - 1}" in lines
+    assert "#SBATCH --gres=gpu:1" in lines
+    run_lines = [ln for ln in lines if ln.startswith("nnunet-semisam ")]
+    assert len(run_lines) == 1
+    assert shlex.split(run_lines[0]) == [*cmd, "--run-index", "$SLURM_ARRAY_TASK_ID"]
+    assert run_lines[0].endswith('--run-index "$SLURM_ARRAY_TASK_ID"')
+    assert all(f"#   {r.index:3d}  {r.run_id}" in text for r in runs)
+    assert "--gres" not in slurm_script(cmd, runs, tmp_path, "cpu")
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+@pytest.fixture
+def raw(tmp_path, monkeypatch):
+    from nnunet_semisam.data.synthetic import make_synthetic_dataset
+
+    root = tmp_path / "raw"
+    root.mkdir()
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, str(root))
+    make_synthetic_dataset(root, 970, num_labeled=6, num_unlabeled=0, num_test=2, shape=(16, 16), progress=False)
+    make_synthetic_dataset(root, 971, num_labeled=6, num_unlabeled=0, num_test=0, shape=(16, 16), progress=False,
+                           name="NoTest")
+    return root
+
+
+def _opts(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "out"), dataset="970", trainers=["MeanTeacherTrainer"], fractions=[0.5],
+                schedule="smoke", device="cpu", dry_run=True, quiet=True)
+    base.update(kw)
+    return BenchmarkOptions(**base)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(trainers=["NoSuchTrainer"]), "unknown trainer 'NoSuchTrainer'"),
+    (dict(trainers=["MeanTeacherTrainer"], schedule="bench"), "no 'bench' schedule variant"),
+    (dict(fractions=[1.5]), r"must lie in \(0, 1\)"),
+    (dict(dataset="971"), "no imagesTs/ cases"),
+    (dict(dataset="972"), "unknown dataset 972"),
+    (dict(dataset=None), "give a dataset"),
+    (dict(preset="no-such"), "unknown preset"),
+    (dict(run_index=7), "--run-index 7 is not in 0..2"),
+    (dict(jobs=0), "--jobs must be >= 1"),
+    (dict(device="tpu"), "-device must be"),
+])
+def test_bad_input_is_a_one_line_error(raw, tmp_path, kw, match):
+    with pytest.raises(SemiSAMError, match=match) as e:
+        run_benchmark(_opts(tmp_path, **kw))
+    assert "\n" not in str(e.value)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(raw, tmp_path, capsys):
+    assert run_benchmark(_opts(tmp_path, reference=True)) == 0
+    text = capsys.readouterr().out
+    assert "50pct_s0_nnUNetTrainer" in text and "50pct_s0_MeanTeacherTrainer" in text and "full_nnUNetTrainer" in text
+    assert "3 run(s) on 1 derived dataset(s) of Dataset970_SynthRGB" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_paper_preset_dry_run_without_the_dataset(raw, tmp_path, capsys):
+    assert run_benchmark(BenchmarkOptions(out=str(tmp_path / "o"), preset="la-mn", dry_run=True)) == 0
+    text = capsys.readouterr().out
+    assert "4lab_s0_MeanTeacherTrainer" in text and "16lab_s2_nnUNetTrainer" in text and "3d_fullres" in text
+    with pytest.raises(SemiSAMError, match="convert la-h5"):
+        run_benchmark(BenchmarkOptions(out=str(tmp_path / "o"), preset="la-mn"))
