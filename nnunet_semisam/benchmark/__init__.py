@@ -1,5 +1,4 @@
-"""`nnunet-semisam benchmark`: methods x label protocols x seeds in one resumable command (METHODS.md, Benchmark
-protocol).
+"""`nnunet-semisam benchmark`: methods x label protocols x seeds in one resumable command (METHODS.md §11).
 
 `run_benchmark(BenchmarkOptions(...))` resolves the dataset (or preset), builds the plan of runs (`plan`), prepares
 the derived datasets with one shared set of plans and executes the runs (`runner`), then aggregates whatever runs

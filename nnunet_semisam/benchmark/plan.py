@@ -1,4 +1,4 @@
-"""The run list of a benchmark: dataset x label protocols x seeds x methods, deterministic (METHODS.md, Benchmark protocol).
+"""The run list of a benchmark: dataset x label protocols x seeds x methods, deterministic (METHODS.md §11).
 
 A *protocol* is how many training cases stay labeled: a fraction (`--fractions 0.1`), a count (`--labeled 4`) or
 every case (`full`, the fully labeled supervised reference). Every (protocol, seed) but `full` gets its own derived

@@ -1,4 +1,4 @@
-"""Aggregating a benchmark's runs: results.csv, summary.csv / summary.md, plots, provenance.json (METHODS.md).
+"""Aggregating a benchmark's runs: results.csv, summary.csv / summary.md, plots, provenance.json (METHODS.md §11).
 
 `results.csv` has one row per test case x run (done runs), and one row per run that is not done (status failed,
 running or pending, with the failed run's last log line), so nothing is silently dropped. A case's metric is the
