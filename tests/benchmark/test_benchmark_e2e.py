@@ -1,10 +1,11 @@
 """`nnunet-semisam benchmark` end to end through the real nnU-Net commands (issue 15).
 
 One tiny synthetic 2D RGB dataset (8 training + 3 test images of 32x32) and one benchmark shared by every test:
-nnUNetTrainer (added automatically), MeanTeacherTrainer and MedSAMMambaKDTrainer x (25 % labeled, 3 labeled) x seed 0,
-`_smoke` schedules on CPU. The KD runs fail for a real reason a user can hit: `$SEMISAM_TEACHER` names a checkpoint
-that does not exist, so nnUNetv2_train exits at the trainer's start. The first invocation is SIGKILLed (whole process
-group) as soon as the Mean Teacher run at 25 % has written its epoch-0 checkpoint; the second invocation finishes.
+nnUNetTrainer (added automatically) and MeanTeacherTrainer x (25 % labeled, 3 labeled) x seed 0, `_smoke` schedules
+on CPU. The first invocation is SIGKILLed (whole process group) as soon as the Mean Teacher run at 25 % has written
+its epoch-0 checkpoint. Before the second invocation, the preprocessed unlabeled cases of the 3-labeled dataset are
+deleted (a damaged dataset), so that Mean Teacher run fails for a real reason inside nnUNetv2_train (the trainer
+refuses an empty unlabeled pool) while the baseline on the same dataset trains; the second invocation finishes.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -22,10 +24,8 @@ import pytest
 from conftest import kill_group, nnunet_env, run_cmd, start_in_own_group
 
 SOURCE_ID = 960
-RUNS = ["25pct_s0_nnUNetTrainer", "25pct_s0_MeanTeacherTrainer", "25pct_s0_MedSAMMambaKDTrainer",
-        "3lab_s0_nnUNetTrainer", "3lab_s0_MeanTeacherTrainer", "3lab_s0_MedSAMMambaKDTrainer"]
-DONE = [r for r in RUNS if "KD" not in r]
-FAILED = [r for r in RUNS if "KD" in r]
+RUNS = ["25pct_s0_nnUNetTrainer", "25pct_s0_MeanTeacherTrainer", "3lab_s0_nnUNetTrainer", "3lab_s0_MeanTeacherTrainer"]
+DONE, FAILED = RUNS[:3], RUNS[3:]
 
 
 def _final(out: Path, run_id: str) -> Path:
@@ -46,13 +46,12 @@ def bench(tmp_path_factory) -> dict:
     from nnunet_semisam.data.synthetic import SynthParams, make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("benchmark")
-    env = nnunet_env(root / "user", SEMISAM_TEACHER=str(root / "missing_teacher.pth"))
+    env = nnunet_env(root / "user")
     source = make_synthetic_dataset(env["nnUNet_raw"], SOURCE_ID, kind="2d-rgb", num_labeled=8, num_unlabeled=0,
                                     num_test=3, shape=(32, 32), seed=0, params=SynthParams(contrast=0.8),
                                     progress=False)
     out = root / "bench"
-    cmd = ["nnunet-semisam", "benchmark", "-d", str(SOURCE_ID), "-c", "2d", "-tr", "MeanTeacherTrainer",
-           "MedSAMMambaKDTrainer", "--fractions", "0.25", "--labeled", "3", "--seeds", "0", "--schedule", "smoke",
+    cmd = ["nnunet-semisam", "benchmark", "-d", str(SOURCE_ID), "-c", "2d", "-tr", "MeanTeacherTrainer", "--fractions", "0.25", "--labeled", "3", "--seeds", "0", "--schedule", "smoke",
            "-device", "cpu", "--no-reference", "-o", str(out), "--quiet"]
     t0 = time.time()
     proc = start_in_own_group(cmd, env)
@@ -70,6 +69,9 @@ def bench(tmp_path_factory) -> dict:
     first_final = _final(out, RUNS[0])
     mtime_before = first_final.stat().st_mtime_ns
     killed_at = time.time() - t0
+    damaged = out / "nnUNet_preprocessed" / "Dataset901_SynthRGB_3lab_s0" / "nnUNetPlans_2d_unlabeled"
+    assert damaged.is_dir()  # every dataset is prepared before the first run
+    shutil.rmtree(damaged)
     second = run_cmd(cmd, env, timeout=900, check=False)
     return {"root": root, "env": env, "source": source, "out": out, "cmd": cmd, "mtime_before": mtime_before,
             "second": second, "killed_at": killed_at, "total": time.time() - t0}
@@ -79,7 +81,7 @@ def test_killed_benchmark_resumes_without_retraining_finished_runs(bench):
     out = bench["out"]
     second = bench["second"]
     assert second.returncode == 1, second.stdout[-3000:] + second.stderr[-3000:]  # 1: some runs failed
-    assert "4 of 6 run(s) done, 2 failed" in second.stdout
+    assert "3 of 4 run(s) done, 1 failed" in second.stdout
     # the run finished before the kill was skipped, not retrained
     assert _final(out, RUNS[0]).stat().st_mtime_ns == bench["mtime_before"]
     log0 = (out / "runs" / RUNS[0] / "run.log").read_text()
@@ -91,7 +93,7 @@ def test_killed_benchmark_resumes_without_retraining_finished_runs(bench):
     rec = json.loads((out / "runs" / RUNS[1] / "run.json").read_text())
     assert rec["status"] == "done" and [a.get("resumed") for a in rec["attempts"]] == [None, True]
     assert len(list(_final(out, RUNS[1]).parent.glob("training_log_*.txt"))) == 2
-    for r in DONE[2:]:  # not started before the kill: one training each
+    for r in RUNS[2:]:  # not started before the kill: one training each
         assert (out / "runs" / r / "run.log").read_text().count("$ nnUNetv2_train") == 1
 
 
@@ -101,13 +103,14 @@ def test_failed_runs_are_reported_not_dropped(bench):
     for r in FAILED:
         mine = [x for x in rows if x["run_id"] == r]
         assert len(mine) == 1 and mine[0]["status"] == "failed" and mine[0]["dice"] == ""
-        assert "teacher checkpoint not found" in mine[0]["error"]
+        assert "needs unlabeled cases" in mine[0]["error"]
         assert json.loads((out / "runs" / r / "run.json").read_text())["status"] == "failed"
     summary = {(s["method"], s["protocol"]): s for s in csv.DictReader(open(out / "summary.csv"))}
-    kd = summary[("MedSAMMambaKDTrainer", "25 %")]
-    assert (kd["n_runs"], kd["n_done"], kd["n_failed"], kd["dice_mean"]) == ("1", "0", "1", "")
+    mt = summary[("MeanTeacherTrainer", "3 labeled")]
+    assert (mt["n_runs"], mt["n_done"], mt["n_failed"], mt["dice_mean"], mt["wilcoxon_p"]) == ("1", "0", "1", "", "")
     md = (out / "summary.md").read_text()
-    assert "| MedSAMMambaKDTrainer | 1 failed |" in md and "teacher checkpoint not found" in md
+    mt_row = next(ln for ln in md.splitlines() if ln.startswith("| MeanTeacherTrainer |"))
+    assert mt_row.count("1 failed") == 1 and "needs unlabeled cases" in md
     prov = json.loads((out / "provenance.json").read_text())
     assert {k: v["status"] for k, v in prov["runs"].items()} == {r: ("failed" if r in FAILED else "done")
                                                                    for r in RUNS}
@@ -127,14 +130,23 @@ def test_summary_equals_metrics_recomputed_from_predictions(bench):
         dice = 1.0 if s == 0 else 2.0 * (pred & gt).sum() / s
         assert float(x["dice"]) == pytest.approx(dice, abs=1e-9), x
     summary = {(s["method"], s["protocol"]): s for s in csv.DictReader(open(out / "summary.csv"))}
-    for method in ("nnUNetTrainer", "MeanTeacherTrainer"):
-        for proto, slug in (("25 %", "25pct"), ("3 labeled", "3lab")):
-            mine = [x for x in rows if x["run_id"] == f"{slug}_s0_{method}"]
-            s = summary[(method, proto)]
-            assert (s["n_done"], s["n_failed"], s["dice_std"]) == ("1", "0", "")  # one seed: no std
-            for m in ("dice", "hd95_mm", "asd_mm"):
-                assert float(s[f"{m}_mean"]) == pytest.approx(np.mean([float(x[m]) for x in mine]), abs=1e-9)
-            assert float(s["train_s_mean"]) > 0 and float(s["s_per_iteration_mean"]) > 0
+    for method, proto, slug in (("nnUNetTrainer", "25 %", "25pct"), ("MeanTeacherTrainer", "25 %", "25pct"),
+                                ("nnUNetTrainer", "3 labeled", "3lab")):
+        mine = [x for x in rows if x["run_id"] == f"{slug}_s0_{method}"]
+        s = summary[(method, proto)]
+        assert (s["n_done"], s["n_failed"], s["dice_std"]) == ("1", "0", "")  # one seed: no std
+        for m in ("dice", "hd95_mm", "asd_mm"):
+            assert float(s[f"{m}_mean"]) == pytest.approx(np.mean([float(x[m]) for x in mine]), abs=1e-9)
+        assert float(s["train_s_mean"]) > 0 and float(s["s_per_iteration_mean"]) > 0
+    from scipy.stats import wilcoxon  # MT against the baseline at 25 %, paired by case
+
+    per = {r: {x["case"]: float(x["dice"]) for x in rows if x["run_id"] == r} for r in RUNS[:2]}
+    a, b = [per[RUNS[1]][c] for c in cases], [per[RUNS[0]][c] for c in cases]
+    p = summary[("MeanTeacherTrainer", "25 %")]["wilcoxon_p"]
+    if a == b:
+        assert p == ""  # undefined when every difference is zero
+    else:
+        assert float(p) == pytest.approx(wilcoxon(a, b).pvalue)
     assert (out / "plots" / "dice_vs_fraction.png").stat().st_size > 0
     assert (out / "plots" / "boxplot_25pct.png").is_file() and (out / "plots" / "boxplot_3_labeled.png").is_file()
 
@@ -168,7 +180,7 @@ def test_emit_slurm_script_runs_the_resumable_command(bench, tmp_path):
     run_cmd([*cmd, "--emit-slurm", str(script)], env)
     text = script.read_text()
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    assert "#SBATCH --array=0-5" in text
+    assert "#SBATCH --array=0-3" in text
     lines = [ln for ln in text.splitlines() if ln.startswith("nnunet-semisam benchmark")]
     assert len(lines) == 1 and lines[0].endswith('--run-index "$SLURM_ARRAY_TASK_ID"')
     assert str(bench["source"]) in lines[0] and str(out) in lines[0]

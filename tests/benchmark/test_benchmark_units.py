@@ -201,3 +201,35 @@ def test_paper_preset_dry_run_without_the_dataset(raw, tmp_path, capsys):
     assert "4lab_s0_MeanTeacherTrainer" in text and "16lab_s2_nnUNetTrainer" in text and "3d_fullres" in text
     with pytest.raises(SemiSAMError, match="convert la-h5"):
         run_benchmark(BenchmarkOptions(out=str(tmp_path / "o"), preset="la-mn"))
+
+
+def test_jobs_run_side_by_side_one_gpu_each(monkeypatch, tmp_path):
+    import threading
+    import time
+
+    from nnunet_semisam.benchmark import runner
+
+    _, runs = make_plan(1, "Dataset001_X", ["MeanTeacherTrainer"], [0.1, 0.2], None, [0, 1], reference=False)
+    busy, seen, lock = set(), [], threading.Lock()
+
+    def fake(ctx, run, gpu=None):
+        with lock:
+            assert gpu not in busy  # never two runs on one GPU
+            busy.add(gpu)
+            seen.append((run.run_id, gpu, len(busy)))
+        time.sleep(0.05)
+        with lock:
+            busy.discard(gpu)
+        return {"run_id": run.run_id, "status": "done"}
+
+    monkeypatch.setattr(runner, "execute_run", fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    ctx = runner.Context(tmp_path, tmp_path, 1, "Dataset001_X", "2d", device="cuda")
+    records = runner.execute_all(ctx, runs, jobs=2, progress=False)
+    assert sorted(r["run_id"] for r in records) == sorted(r.run_id for r in runs)
+    assert {g for _, g, _ in seen} == {"0", "1"} and max(n for _, _, n in seen) == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # one GPU: jobs share it, no CUDA_VISIBLE_DEVICES override
+    seen.clear()
+    busy.clear()
+    runner.execute_all(ctx, runs[:1], jobs=1, progress=False)
+    assert seen[0][1] is None
