@@ -120,7 +120,8 @@ def last_line(log: Path) -> str:
         return ""
     with open(log, "rb") as f:
         f.seek(max(0, os.path.getsize(log) - 65536))
-        lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines()
+                 if ln.strip() and not ln.startswith(("# exit ", "$ "))]  # skip the runner's own lines
     return lines[-1][:500] if lines else ""
 
 
@@ -143,6 +144,7 @@ def run_logged(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, flo
             p.wait()
             raise
         p.returncode = rc = os.waitstatus_to_exitcode(status)
+        f.write(f"# exit {rc} after {time.time() - t0:.1f} s\n")
     return rc, time.time() - t0, usage.ru_maxrss / 1024.0  # Linux: ru_maxrss in KiB
 
 
@@ -213,8 +215,9 @@ def prepare_source(ctx: Context, log: Path) -> str:
     if ctx.source_dir.resolve() != ctx.source_copy.resolve() and not (ctx.source_copy / "dataset.json").is_file():
         link_tree(ctx.source_dir, ctx.source_copy)
     env = ctx.env()
-    _check(["nnUNetv2_plan_and_preprocess", "-d", str(ctx.source_id), "-c", ctx.configuration, "-np",
-            str(ctx.num_processes)], env, log)
+    n = str(ctx.num_processes)  # -npfp too: nnU-Net's default spawns 8 fingerprint workers
+    _check(["nnUNetv2_plan_and_preprocess", "-d", str(ctx.source_id), "-c", ctx.configuration, "-np", n, "-npfp", n],
+           env, log)
     if not ctx.source_plans.is_file():
         raise SemiSAMError(f"nnUNetv2_plan_and_preprocess wrote no {ctx.source_plans}")
     plans = json.loads(ctx.source_plans.read_text())
