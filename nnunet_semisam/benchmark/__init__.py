@@ -233,6 +233,11 @@ def run_benchmark(o: BenchmarkOptions) -> int:
     check_trainers(list(o.trainers), o.schedule)
     if source is not None:
         runner.check_source(source)
+        n_train = _num_training(source)
+        for n in o.labeled or []:
+            if n >= n_train:
+                raise SemiSAMError(f"--labeled {n} leaves no unlabeled case: {source_name} has {n_train} labeled "
+                                   "training cases")
     if o.run_index is not None and not 0 <= o.run_index < len(runs):
         raise SemiSAMError(f"--run-index {o.run_index} is not in 0..{len(runs) - 1} (the plan has {len(runs)} runs)")
     if o.dry_run:

@@ -173,6 +173,7 @@ def _opts(tmp_path, **kw):
     (dict(trainers=["NoSuchTrainer"]), "unknown trainer 'NoSuchTrainer'"),
     (dict(trainers=["MeanTeacherTrainer"], schedule="bench"), "no 'bench' schedule variant"),
     (dict(fractions=[1.5]), r"must lie in \(0, 1\)"),
+    (dict(fractions=None, labeled=[6]), "--labeled 6 leaves no unlabeled case"),
     (dict(dataset="971"), "no imagesTs/ cases"),
     (dict(dataset="972"), "unknown dataset 972"),
     (dict(dataset=None), "give a dataset"),
