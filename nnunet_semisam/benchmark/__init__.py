@@ -103,7 +103,7 @@ def resolve_source(o: BenchmarkOptions, preset: Preset | None, out: Path) -> tup
 
             make_synthetic_dataset(out / "nnUNet_raw", did, name=name, num_unlabeled=0, progress=not o.quiet,
                                    overwrite=folder.exists(), **s)
-        return folder, did, folder.name
+        return (folder if (folder / "dataset.json").is_file() else None), did, folder.name  # None: a dry run
     d = str(o.dataset)
     p = Path(d)
     if p.is_dir() and (p / "dataset.json").is_file():

@@ -234,3 +234,10 @@ def test_jobs_run_side_by_side_one_gpu_each(monkeypatch, tmp_path):
     busy.clear()
     runner.execute_all(ctx, runs[:1], jobs=1, progress=False)
     assert seen[0][1] is None
+
+
+def test_synthetic_preset_dry_run_generates_nothing(tmp_path, capsys):
+    assert run_benchmark(BenchmarkOptions(out=str(tmp_path / "o"), preset="synthetic-3d", dry_run=True)) == 0
+    text = capsys.readouterr().out
+    assert "Dataset900_BenchSynth3D_4lab_s0" in text and "3d_fullres" in text and "full_nnUNetTrainer" in text
+    assert not (tmp_path / "o").exists()
