@@ -17,29 +17,40 @@ adds, e.g. EMA teacher weights), written atomically. `network_weights` always ho
 validation and `nnUNetv2_predict` use. Folds are nnU-Net's splits over the labeled cases; unlabeled cases are
 training-only in every fold.
 
-Hooks changed: `get_dataloaders`, `train_step`, `on_train_epoch_end`, `on_epoch_end`, `on_train_end`,
-`save_checkpoint`, `load_checkpoint`; everything else is nnU-Net's.
+Start-up checks (`preflight`): everything a run needs that can be checked is checked at the very beginning of
+`on_train_start`, before nnU-Net builds its network or starts a data-augmentation worker, and fails with one
+`SemiSAMError` line: the trainer is not the abstract base, nnU-Net's labeled preprocessed folder exists, the unlabeled
+folder is complete, made with these plans and disjoint from the labeled and split cases
+(`nnunet_semisam.data.unlabeled.check_preprocessed_unlabeled`); methods add theirs (`preflight_checks`, e.g. the KD
+teacher checkpoint). Every trainer installs `nnunet_semisam.errors.install_one_line_errors`, so a `SemiSAMError`
+escaping `nnUNetv2_train` prints as its last stderr line `error: <message>` (exit status 1) instead of a traceback;
+`nnUNet_semisam_traceback=1` restores the traceback.
+
+Hooks changed: `get_dataloaders`, `on_train_start`, `train_step`, `on_train_epoch_end`, `on_epoch_end`,
+`on_train_end`, `perform_actual_validation` (start and end lines in the log), `save_checkpoint`, `load_checkpoint`;
+everything else is nnU-Net's.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
+from time import time
 
 import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class, nnUNetDatasetBlosc2
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from nnunet_semisam.data.unlabeled import UNLABELED_SUFFIX, list_preprocessed_unlabeled
+from nnunet_semisam.data.unlabeled import (ALLOW_SUBSET_ENV, UNLABELED_SUFFIX, check_preprocessed_unlabeled,
+                                           list_preprocessed_unlabeled)
 from nnunet_semisam.data.views import unpack_views, weak_strong_pipeline
-from nnunet_semisam.errors import SemiSAMError
+from nnunet_semisam.errors import SemiSAMError, install_one_line_errors
 from nnunet_semisam.io import atomic_path
 from nnunet_semisam.plotting import plot_loss_terms
 
@@ -69,6 +80,10 @@ def _finish_quietly(loader) -> None:
             sys.stdout = old_stdout
 
 
+#: concrete trainers named when the abstract base is asked for
+CONCRETE_TRAINERS = ("MeanTeacherTrainer", "MedSAMMambaKDTrainer")
+
+
 class SemiSupervisedTrainer(nnUNetTrainer):
     """Base class: labeled + unlabeled loaders, per-term loss logging, extra checkpoint state (module docstring)."""
 
@@ -77,6 +92,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        install_one_line_errors(self.stop_background_workers)
+        self.refuse_abstract()
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.unlabeled_batch_size: int | None = None  # B_u; None -> the plans' batch size (METHODS.md §1.2)
         self.concat_forward = True  # labeled and unlabeled images in one forward pass (METHODS.md §1.2)
@@ -86,6 +103,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.dataloader_unlabeled = None
         self.unlabeled_folder = os.path.join(self.preprocessed_dataset_folder_base,
                                              self.configuration_manager.data_identifier + UNLABELED_SUFFIX)
+        self.unlabeled_manifest: dict | None = None  # manifest.json of the unlabeled folder (after `preflight`)
+        self._checked_unlabeled_cases: list[str] | None = None
+        self._preflight_done = False
         for key in self._term_log_keys():
             self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
 
@@ -98,12 +118,125 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def _term_log_keys(self) -> list[str]:
         return [f"{kind}_{name}" for name in self.loss_terms for kind in ("loss", "weight")]
 
+    # ------------------------------------------------------------------------------------------------ start-up checks
+    @classmethod
+    def refuse_abstract(cls) -> None:
+        """One-line error for a class that defines no unlabeled loss (neither `unlabeled_loss_terms` nor
+        `compute_loss_terms` overridden), i.e. `-tr SemiSupervisedTrainer`: it would crash at its first step."""
+        if (cls.unlabeled_loss_terms is SemiSupervisedTrainer.unlabeled_loss_terms
+                and cls.compute_loss_terms is SemiSupervisedTrainer.compute_loss_terms):
+            raise SemiSAMError(
+                f"{cls.__name__} is the abstract base of this plugin's semi-supervised trainers and has no unlabeled "
+                f"loss: train a concrete one, e.g. -tr {' or -tr '.join(CONCRETE_TRAINERS)} (or their _smoke / "
+                "_demo variants)")
+
+    @property
+    def dataset_id(self) -> str:
+        """The dataset's id as the commands take it (`990` for `Dataset990_SynthRGB`)."""
+        name = self.plans_manager.dataset_name
+        return str(int(name[7:10])) if name.startswith("Dataset") and name[7:10].isdigit() else name
+
+    @property
+    def preprocess_unlabeled_command(self) -> str:
+        """The command that (re)makes this run's unlabeled folder, quoted in error messages."""
+        return (f"nnunet-semisam preprocess-unlabeled -d {self.dataset_id} -c {self.configuration_name} "
+                f"-p {self.plans_manager.plans_name}")
+
+    def preflight(self) -> None:
+        """Run `preflight_checks` once. Called first thing in `on_train_start` (before nnU-Net initialises the
+        network, unpacks data or starts data-augmentation workers), and by `get_dataloaders`."""
+        if not self._preflight_done:
+            self.preflight_checks()
+            self._preflight_done = True
+
+    def preflight_checks(self) -> None:
+        """Everything this trainer needs that can be checked before training starts; one-line `SemiSAMError`s.
+
+        Base: the labeled and unlabeled preprocessed folders (`_check_unlabeled_folder`). Subclasses add their own
+        checks (teacher checkpoints, settings) and call `super().preflight_checks()` first.
+        """
+        self.refuse_abstract()
+        self._checked_unlabeled_cases = self._check_unlabeled_folder()
+
+    def labeled_case_ids(self) -> list[str]:
+        """Identifiers of nnU-Net's labeled preprocessed folder; one-line error when it is missing or empty."""
+        folder = self.preprocessed_dataset_folder
+        fix = (f"run nnUNetv2_plan_and_preprocess -d {self.dataset_id} -c {self.configuration_name} (plans "
+               f"{self.plans_manager.plans_name})")
+        if not folder or not os.path.isdir(folder):
+            raise SemiSAMError(f"{folder} (nnU-Net's preprocessed labeled cases) does not exist: {fix}")
+        try:
+            dataset_class = self.dataset_class or infer_dataset_class(folder)
+        except (AssertionError, KeyError):
+            raise SemiSAMError(f"{folder} holds no nnU-Net preprocessed cases (or a mix of formats): {fix}") from None
+        ids = sorted(dataset_class.get_identifiers(folder))
+        if not ids:
+            raise SemiSAMError(f"{folder} holds no preprocessed labeled case: {fix}")
+        return ids
+
+    def _check_unlabeled_folder(self) -> list[str]:
+        """The unlabeled cases to train on, after the checks of `check_preprocessed_unlabeled`: the folder holds
+        cases, has a manifest made with these plans and configuration, is complete (unless
+        `$nnUNet_semisam_allow_unlabeled_subset=1`, which is logged), and no unlabeled case is a labeled preprocessed
+        case or a train/val case of `splits_final.json` (label leak). A transductive pool (unlabeled = test images,
+        `preprocess-unlabeled --transductive`) is stated in the log. Messages quote the `preprocess-unlabeled`
+        command of this dataset, configuration and plans."""
+        command = self.preprocess_unlabeled_command
+        labeled = self.labeled_case_ids()
+        if not list_preprocessed_unlabeled(self.unlabeled_folder):
+            raise SemiSAMError(f"{self.__class__.__name__} needs unlabeled cases but {self.unlabeled_folder} has "
+                               f"none: run `{command}` (imagesUnlabeled/ must not be empty)")
+        allow_subset = os.environ.get(ALLOW_SUBSET_ENV) == "1"
+        cases, manifest = check_preprocessed_unlabeled(
+            self.unlabeled_folder, self.plans_manager.plans, self.configuration_name, labeled,
+            splits_file=os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json"),
+            allow_subset=allow_subset, command=command)
+        self.unlabeled_manifest = manifest
+        if allow_subset:
+            if manifest.get("complete"):
+                self.print_to_log_file(f"{ALLOW_SUBSET_ENV}=1 is set; the unlabeled folder is complete anyway "
+                                       f"({len(cases)} cases)")
+            else:
+                self.print_to_log_file(f"{ALLOW_SUBSET_ENV}=1: training on the {len(cases)} of "
+                                       f"{manifest.get('num_expected', '?')} unlabeled cases present (the folder is "
+                                       f"incomplete; `{command}` completes it)")
+        if manifest.get("transductive"):
+            self.print_to_log_file("unlabeled pool is transductive by choice (preprocess-unlabeled --transductive): "
+                                   "it overlaps the test images (imagesTs)")
+        return cases
+
+    def stop_background_workers(self) -> None:
+        """Stop every data-augmentation loader of this trainer quietly (called before an error line is printed)."""
+        old_stderr, sys.stderr = sys.stderr, open(os.devnull, "w")
+        try:
+            for loader in (getattr(self, "dataloader_train", None), getattr(self, "dataloader_val", None),
+                           self.__dict__.get("dataloader_unlabeled")):
+                try:
+                    if isinstance(loader, NonDetMultiThreadedAugmenter):
+                        _finish_quietly(loader)
+                    elif hasattr(loader, "_finish"):
+                        old_stdout, sys.stdout = sys.stdout, sys.stderr
+                        try:
+                            loader._finish()
+                        finally:
+                            sys.stdout = old_stdout
+                except Exception:  # noqa: BLE001 - best effort
+                    pass
+        finally:
+            sys.stderr.close()
+            sys.stderr = old_stderr
+
+    def on_train_start(self):
+        """`preflight` first, then nnU-Net's start (initialisation, data loaders and their workers)."""
+        self.preflight()
+        super().on_train_start()
+
     # ------------------------------------------------------------------------------------------------ data
     def get_dataloaders(self):
         """nnU-Net's labeled loaders, plus the unlabeled weak/strong loader (`self.dataloader_unlabeled`)."""
-        cases = self._check_unlabeled_folder()
+        self.preflight()
         dl_tr, dl_val = super().get_dataloaders()
-        self.dataloader_unlabeled = self._build_unlabeled_loader(cases)
+        self.dataloader_unlabeled = self._build_unlabeled_loader(self.unlabeled_cases)
         return dl_tr, dl_val
 
     def restart_unlabeled_loader(self) -> None:
@@ -114,25 +247,11 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     @property
     def unlabeled_cases(self) -> list[str]:
-        """Identifiers of the complete preprocessed unlabeled cases (`nnunet_semisam.data.unlabeled`)."""
+        """Identifiers of the unlabeled cases this run trains on: those `preflight` checked, else the complete
+        preprocessed cases of the folder (`nnunet_semisam.data.unlabeled`)."""
+        if self._checked_unlabeled_cases is not None:
+            return list(self._checked_unlabeled_cases)
         return list_preprocessed_unlabeled(self.unlabeled_folder)
-
-    def _check_unlabeled_folder(self) -> list[str]:
-        cases = self.unlabeled_cases
-        if not cases:
-            raise SemiSAMError(
-                f"{self.__class__.__name__} needs unlabeled cases but {self.unlabeled_folder} has none: run "
-                f"`nnunet-semisam preprocess-unlabeled -d {self.plans_manager.dataset_name} -c "
-                f"{self.configuration_name} -p {self.plans_manager.plans_name}` (imagesUnlabeled/ must not be empty)")
-        manifest = os.path.join(self.unlabeled_folder, "manifest.json")
-        if os.path.isfile(manifest):
-            from nnunet_semisam.data.unlabeled import _configuration_signature
-
-            sig = json.load(open(manifest))["configuration_signature"]
-            if sig != _configuration_signature(self.plans_manager.plans, self.configuration_name):
-                raise SemiSAMError(f"{self.unlabeled_folder} was preprocessed with other plans: re-run "
-                                   f"`nnunet-semisam preprocess-unlabeled ... --overwrite`")
-        return cases
 
     @property
     def num_image_channels(self) -> int:
@@ -142,14 +261,21 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         """Dataset object over the preprocessed unlabeled cases (methods may wrap it to append soft targets)."""
         return nnUNetDatasetBlosc2(self.unlabeled_folder, cases)
 
+    def unlabeled_transforms(self):
+        """nnU-Net's training pipeline split into weak / strong views (`nnunet_semisam.data.views`), with the
+        configuration's `use_mask_for_norm` so that unlabeled images are zeroed outside nnU-Net's nonzero mask after
+        the intensity augmentation exactly like the labeled ones (both views)."""
+        rotation, dummy_2d, _, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        pipeline = self.get_training_transforms(
+            self.configuration_manager.patch_size, rotation, None, mirror_axes, dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
+            foreground_labels=self.label_manager.foreground_labels, regions=None, ignore_label=None)
+        return weak_strong_pipeline(pipeline, self.num_image_channels)
+
     def _build_unlabeled_loader(self, cases: list[str]):
         patch_size = self.configuration_manager.patch_size
-        rotation, dummy_2d, initial_patch_size, mirror_axes = \
-            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        pipeline = self.get_training_transforms(
-            patch_size, rotation, None, mirror_axes, dummy_2d, use_mask_for_norm=None, is_cascaded=False,
-            foreground_labels=self.label_manager.foreground_labels, regions=None, ignore_label=None)
-        transforms = weak_strong_pipeline(pipeline, self.num_image_channels)
+        _, _, initial_patch_size, _ = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        transforms = self.unlabeled_transforms()
         batch_size = self.unlabeled_batch_size or self.batch_size
         loader = nnUNetDataLoader(self.unlabeled_dataset(cases), batch_size, initial_patch_size, patch_size,
                                   self.label_manager, oversample_foreground_percent=0.0, transforms=transforms)
@@ -253,6 +379,16 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def on_train_end(self):
         super().on_train_end()
         _finish_quietly(self.dataloader_unlabeled)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's final validation, with a start line (number of validation cases) and an end line (elapsed
+        time) in the training log: it runs silently for minutes on large folds otherwise."""
+        _, val_keys = self.do_split()
+        self.print_to_log_file(f"final validation: predicting {len(val_keys)} validation cases of fold {self.fold} "
+                               f"(sliding window with mirroring, then metrics)")
+        start = time()
+        super().perform_actual_validation(save_probabilities)
+        self.print_to_log_file(f"final validation done: {len(val_keys)} cases in {time() - start:.1f} s")
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def extra_checkpoint_state(self) -> dict:
