@@ -26,6 +26,13 @@ model teacher on the labeled cases and the dataset's `imagesUnlabeled/`:
 - Optimisation (§4.6): SGD (momentum 0.99, nesterov, wd 3e-5, none for A_log/D) over student and projectors, 100
   epochs, B_l = B_u = the plans' batch size, nnU-Net's lr 1e-2 + poly (the paper's 1e-3 + cosine is `_paperOptim`).
 
+Start-up checks (`preflight_checks`, before the network is built or a data worker starts; one-line errors): the base
+trainer's (unlabeled folder, labeled folder), the method's settings (FBVM mask and polarity, lr schedule, teacher
+weights, teacher channel), and the teacher itself: the checkpoint `$SEMISAM_TEACHER` (or `$SEMISAM_SAM_CHECKPOINT`
+for `_SAM`) names is loaded there (missing file, random bytes, truncated or foreign files such as an nnU-Net
+`checkpoint_final.pth`, a bundled LiteMedSAM whose sha256 does not match), once; training then uses that teacher.
+The closed-loop refresh and the labeled GT-box targets log their progress (cases done, elapsed time).
+
 Targets and embeddings live in the fold folder (`pseudolabels/`, `teacher_embeddings/`). `network_weights` in the
 checkpoint is the student; the projectors, the pseudo-label round and the FBVM polarity are extra state (`--c`).
 """
@@ -110,15 +117,47 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
         self.print_to_log_file(describe_kd_student(self.configuration_manager, self.network, self.num_input_channels,
                                                    self.label_manager.num_segmentation_heads))
 
+    # ------------------------------------------------------------------------------------------------ start-up checks
+    #: allowed values of the method's string settings (checked by `preflight_checks`)
+    SETTINGS = {"fbvm_valid_mask": ("background", "nonmin", "none"), "fbvm_polarity": ("estimate", "+1", "abs"),
+                "lr_schedule": ("poly", "cosine"), "teacher_weights": ("medsam", "sam")}
+
+    def preflight_checks(self) -> None:
+        """The base checks (unlabeled and labeled folders), then this method's: every string setting is one of
+        `SETTINGS`, `teacher_input_size` is "auto" / "native" / "patch" / a positive side, `teacher_channel` is an
+        image channel, and the teacher loads (`load_teacher_once`: a missing, truncated, random-bytes or non-SAM
+        checkpoint, or an unset `$SEMISAM_SAM_CHECKPOINT` for the SAM ablation, is a one-line error here)."""
+        super().preflight_checks()
+        name = self.__class__.__name__
+        for attr, allowed in self.SETTINGS.items():
+            if getattr(self, attr) not in allowed:
+                raise SemiSAMError(f"{name}.{attr} = {getattr(self, attr)!r}: expected one of {', '.join(allowed)}")
+        side = self.teacher_input_size
+        if not (side in ("auto", "native", "patch") or (str(side).isdigit() and int(side) > 0)):
+            raise SemiSAMError(f"{name}.teacher_input_size = {side!r}: expected 'auto', 'native', 'patch' or a "
+                               "positive side in pixels")
+        if not 0 <= int(self.teacher_channel) < self.num_image_channels:
+            raise SemiSAMError(f"{name}.teacher_channel = {self.teacher_channel}: the dataset has "
+                               f"{self.num_image_channels} image channel(s) ({self.dataset_json['channel_names']})")
+        self.load_teacher_once()
+
     # ------------------------------------------------------------------------------------------------ teacher
+    def load_teacher_once(self):
+        """The frozen teacher of this run with its embedding cache: `teacher_spec`, else `$SEMISAM_TEACHER` (default
+        the bundled LiteMedSAM, `teachers.factory`). Loaded at the first call (preflight, or `initialize` when
+        resuming with `--c`), which is what checks the checkpoint; later calls return it."""
+        if self.teacher is None:
+            spec = self.teacher_spec or teacher_spec_from_environment(self.teacher_weights)
+            cache = EmbeddingCache(folder=os.path.join(self.output_folder, "teacher_embeddings"))
+            self.teacher = load_teacher(spec, device=self.device, cache=cache,
+                                        model_type=os.environ.get(TEACHER_TYPE_ENV) or None)
+            self.print_to_log_file(f"teacher: {spec} (model type {self.teacher.model_type}, sha1 "
+                                   f"{(self.teacher.checkpoint_sha1 or '')[:12]})")
+        return self.teacher
+
     def setup_teacher(self) -> None:
         """The frozen teacher with its embedding cache, the FPKDM feature side and projectors P_l (§4.1)."""
-        spec = self.teacher_spec or teacher_spec_from_environment(self.teacher_weights)
-        cache = EmbeddingCache(folder=os.path.join(self.output_folder, "teacher_embeddings"))
-        self.teacher = load_teacher(spec, device=self.device, cache=cache,
-                                    model_type=os.environ.get(TEACHER_TYPE_ENV) or None)
-        self.print_to_log_file(f"teacher: {spec} (model type {self.teacher.model_type}, sha1 "
-                               f"{(self.teacher.checkpoint_sha1 or '')[:12]})")
+        self.load_teacher_once()
         if not self.use_fpkdm:
             return
         shapes = feature_shapes(self.network, self.num_input_channels, self.configuration_manager.patch_size,
@@ -172,11 +211,15 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
 
     # ------------------------------------------------------------------------------------------------ closed loop
     def on_train_start(self):
+        """`preflight` (every check, the teacher loaded), initialisation, FBVM polarity and the labeled GT-box
+        targets, then the base start (nnU-Net's loaders and workers)."""
+        self.preflight()
         if not self.was_initialized:
             self.initialize()
         self.targets = ClosedLoopTargets(
             self.teacher, self.targets_root, self.configuration_manager.normalization_schemes,
-            self.plans_manager.foreground_intensity_properties_per_channel, self.teacher_channel)
+            self.plans_manager.foreground_intensity_properties_per_channel, self.teacher_channel,
+            log=self.print_to_log_file)
         tr_keys, _ = self.do_split()
         if self.polarity is None:
             self.polarity = [float(s) for s in estimate_polarity(
@@ -201,6 +244,8 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
     def refresh_pseudolabels(self) -> None:
         """One closed-loop round: student boxes -> teacher (cached embeddings) for every unlabeled case."""
         cases = [CaseSource(k, self.unlabeled_folder, False) for k in self.unlabeled_cases]
+        self.print_to_log_file(f"pseudo-label round {self.pl_round + 1}: student boxes -> teacher for {len(cases)} "
+                               "unlabeled cases")
         start = time()
         predict = SlidingWindowForeground(self.network, self.plans_manager, self.configuration_manager,
                                           self.dataset_json, self.__class__.__name__, self.device)

@@ -11,11 +11,18 @@ Both stores use the pseudo-label format of `nnunet_semisam.teachers.pseudolabels
 in `<root>/labeled` and `<root>/unlabeled`; a training run keeps them in its fold's output folder, so folds and
 trainers do not share state. The labeled targets resume case by case; a refresh interrupted midway is simply redone
 (the round number in the trainer's checkpoint is the last completed one).
+
+Progress. A refresh takes tens of seconds to minutes; with a `log` callable (the trainer's `print_to_log_file`) both
+stages log a line per tenth of the cases (`ProgressLog`): how many cases the teacher has finished, i.e. whose record
+in the store was written since the stage began, out of how many, and the elapsed time.
 """
 from __future__ import annotations
 
+import math
 import os
+import threading
 from pathlib import Path
+from time import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -25,6 +32,69 @@ from nnunet_semisam.data.pseudolabel_store import PseudoLabelParams, manifest_pa
 from nnunet_semisam.teachers.pseudolabels import CaseSource, generate_pseudolabels
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # preprocessed case (C, *spatial) -> foreground mask (*spatial)
+
+
+class ProgressLog:
+    """`with ProgressLog(folder, case_ids, stage, log):` logs `<stage>: i/n cases done (t s)` from a background thread
+    while a stage writes its per-case records `<folder>/<case>.json`.
+
+    A case counts as done once its record's modification time differs from the one it had when the stage began
+    (new or replaced; a removed record does not count), so records of earlier rounds or runs are not counted and no
+    clock comparison is involved. One line each time the count passes a multiple of `ceil(n / chunks)` (and at n),
+    checked every `poll_s` seconds; `log=None` or no case logs nothing.
+    """
+
+    def __init__(self, folder: str | os.PathLike, case_ids: Sequence[str], stage: str,
+                 log: Callable[[str], None] | None, chunks: int = 10, poll_s: float = 0.5):
+        self.folder = Path(folder)
+        self.case_ids = list(case_ids)
+        self.stage = stage
+        self.log = log
+        self.every = max(1, math.ceil(len(self.case_ids) / max(1, int(chunks))))
+        self.poll_s = poll_s
+        self.logged = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _mtimes(self) -> list[int | None]:
+        out = []
+        for c in self.case_ids:
+            try:
+                out.append(os.stat(self.folder / f"{c}.json").st_mtime_ns)
+            except OSError:
+                out.append(None)
+        return out
+
+    def done(self) -> int:
+        """Cases whose record was written since the stage began."""
+        return sum(now is not None and now != then for now, then in zip(self._mtimes(), self._before))
+
+    def check(self) -> None:
+        """Log a line if the count passed the next multiple of `every` (or reached n) since the last line."""
+        n = self.done()
+        if n > self.logged and (n // self.every > self.logged // self.every or n == len(self.case_ids)):
+            self.logged = n
+            self.log(f"{self.stage}: {n}/{len(self.case_ids)} cases done ({time() - self.start:.1f} s)")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.check()
+
+    def __enter__(self) -> "ProgressLog":
+        self.start = time()
+        if self.log is not None and self.case_ids:
+            self._before = self._mtimes()
+            self._thread = threading.Thread(target=self._run, name="closed-loop-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            if exc[0] is None:
+                self.check()
+        return False
 
 
 class SlidingWindowForeground:
@@ -61,11 +131,16 @@ class ClosedLoopTargets:
         box_min_area / max_boxes: §2.3 for student boxes (labeled GT boxes use `box_min_area = 1`, §4.5).
         workers: threads for MedSAM's preprocessing of upcoming cases (default: the CPU cores, at most 8; the
             training loop waits for a refresh, so its cores are free).
+        progress: tqdm bars on stderr (command-line use).
+        log: a callable taking one line (a trainer's `print_to_log_file`) for progress lines (`ProgressLog`);
+            None logs nothing.
+        log_chunks: how many progress lines one stage logs at most.
     """
 
     def __init__(self, teacher, root: str | os.PathLike, normalization_schemes: Sequence[str],
                  intensity_properties: dict | None = None, teacher_channel: int = 0, box_min_area: int = 10,
-                 max_boxes: int = 5, progress: bool = False, workers: int | None = None):
+                 max_boxes: int = 5, progress: bool = False, workers: int | None = None,
+                 log: Callable[[str], None] | None = None, log_chunks: int = 10):
         self.teacher = teacher
         self.root = Path(root)
         self.labeled_folder = self.root / "labeled"
@@ -77,6 +152,8 @@ class ClosedLoopTargets:
         self.max_boxes = max_boxes
         self.progress = progress
         self.workers = workers
+        self.log = log
+        self.log_chunks = max(1, int(log_chunks))
 
     def _params(self, prompt_source: str, box_min_area: int, extra: dict) -> PseudoLabelParams:
         return PseudoLabelParams(teacher=self.teacher.model_type or "medsam", checkpoint_sha1=self.teacher.checkpoint_sha1 or "",
@@ -87,11 +164,13 @@ class ClosedLoopTargets:
     def labeled_targets(self, cases: Sequence[CaseSource]) -> dict[str, str]:
         """MedSAM from GT boxes for every labeled case not done yet (resumable); {case: done | skipped}."""
         params = self._params("gt-boxes", 1, {"closed_loop": "labeled"})
-        return generate_pseudolabels(
-            self.teacher, cases, self.labeled_folder, params, self.normalization_schemes, self.intensity_properties,
-            mask_fn=lambda case, data, seg: seg[0] > 0, progress=self.progress,
-            run_info={"stage": "labeled GT-box targets (METHODS.md §4.5)"},
-            overwrite=self._stale_manifest(self.labeled_folder, params), workers=self.workers)
+        with ProgressLog(self.labeled_folder, [c.case_id for c in cases], "labeled GT-box targets", self.log,
+                         self.log_chunks):
+            return generate_pseudolabels(
+                self.teacher, cases, self.labeled_folder, params, self.normalization_schemes,
+                self.intensity_properties, mask_fn=lambda case, data, seg: seg[0] > 0, progress=self.progress,
+                run_info={"stage": "labeled GT-box targets (METHODS.md §4.5)"},
+                overwrite=self._stale_manifest(self.labeled_folder, params), workers=self.workers)
 
     def refresh(self, cases: Sequence[CaseSource], predict_foreground: PredictFn, round_index: int) -> dict[str, int]:
         """Round `round_index`: student boxes -> MedSAM for every unlabeled case, replacing the previous maps.
@@ -99,11 +178,14 @@ class ClosedLoopTargets:
         Returns {"cases": n, "available": number of cases with at least one box}.
         """
         params = self._params("student", self.box_min_area, {"closed_loop": "unlabeled", "round": int(round_index)})
-        generate_pseudolabels(
-            self.teacher, cases, self.unlabeled_folder, params, self.normalization_schemes, self.intensity_properties,
-            mask_fn=lambda case, data, seg: np.asarray(predict_foreground(data), bool), progress=self.progress,
-            run_info={"stage": f"closed-loop refresh round {round_index} (METHODS.md §4.5)"}, overwrite=True,
-            workers=self.workers)
+        with ProgressLog(self.unlabeled_folder, [c.case_id for c in cases],
+                         f"closed-loop refresh round {round_index}", self.log, self.log_chunks):
+            generate_pseudolabels(
+                self.teacher, cases, self.unlabeled_folder, params, self.normalization_schemes,
+                self.intensity_properties,
+                mask_fn=lambda case, data, seg: np.asarray(predict_foreground(data), bool), progress=self.progress,
+                run_info={"stage": f"closed-loop refresh round {round_index} (METHODS.md §4.5)"}, overwrite=True,
+                workers=self.workers)
         available = sum(bool((read_record(self.unlabeled_folder, c.case_id) or {}).get("available")) for c in cases)
         return {"cases": len(cases), "available": int(available)}
 
