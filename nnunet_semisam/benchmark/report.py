@@ -216,6 +216,7 @@ def plots(summary: Sequence[dict], rows: Sequence[dict], folder: Path) -> list[P
         ax.errorbar(100 * x, 100 * y, yerr=100 * np.nan_to_num(e), marker="o", capsize=3, label=m)
     ax.set_xlabel("labeled training cases (%)")
     ax.set_ylabel("test Dice (%)")
+    ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     folder.mkdir(parents=True, exist_ok=True)
