@@ -35,7 +35,7 @@ from typing import Iterator
 
 from nnunet_semisam.benchmark.plan import PLANS, Derived, Run
 from nnunet_semisam.errors import SemiSAMError
-from nnunet_semisam.io import atomic_write_json, atomic_write_text, file_digest
+from nnunet_semisam.io import atomic_write_json, file_digest
 
 READY = ".benchmark_ready.json"
 RUN_RECORD = "run.json"
@@ -430,7 +430,3 @@ def execute_all(ctx: Context, runs: list[Run], jobs: int = 1, progress: bool = T
                     bar.set_postfix_str(futures[f].run_id)
                     bar.update()
     return records
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
