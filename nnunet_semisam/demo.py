@@ -87,7 +87,8 @@ def run_demo(folder: str | os.PathLike = "nnunet_semisam_demo", trainers: Sequen
     print("[2/5] nnU-Net planning and preprocessing, then the unlabeled cases", flush=True)
     pre = Path(env["nnUNet_preprocessed"]) / name
     if not (pre / "nnUNetPlans.json").is_file() or not (pre / "nnUNetPlans_2d").is_dir():
-        _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1"], env, log, quiet)
+        _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1", "-npfp", "1"], env, log,
+             quiet)
     _run(["nnunet-semisam", "preprocess-unlabeled", "-d", str(DATASET_ID), "-c", "2d", "--quiet"], env, log, quiet)
 
     rows, preds = [], {}

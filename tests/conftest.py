@@ -127,7 +127,7 @@ def make_preprocessed_dataset(root: Path, dataset_id: int, kind: str = "2d-rgb",
     env = nnunet_env(root)
     make_synthetic_dataset(env["nnUNet_raw"], dataset_id, kind=kind, num_labeled=num_labeled,
                            num_unlabeled=num_unlabeled, num_test=num_test, shape=shape, seed=seed, progress=False)
-    run_cmd(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "2d", "-np", "1"], env)
+    run_cmd(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "2d", "-np", "1", "-npfp", "1"], env)
     if unlabeled and num_unlabeled:
         run_cmd(["nnunet-semisam", "preprocess-unlabeled", "-d", str(dataset_id), "-c", "2d", "--quiet"], env)
     return env

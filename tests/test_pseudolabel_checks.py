@@ -36,7 +36,7 @@ def dataset(tmp_path_factory):
     env = nnunet_env(root / "nnunet")
     make_synthetic_dataset(env["nnUNet_raw"], DS, kind="2d-rgb", num_labeled=3, num_unlabeled=3, num_test=0,
                            shape=(32, 32), seed=3, progress=False)
-    run_cmd(["nnUNetv2_plan_and_preprocess", "-d", str(DS), "-c", "2d", "-np", "1"], env)
+    run_cmd(["nnUNetv2_plan_and_preprocess", "-d", str(DS), "-c", "2d", "-np", "1", "-npfp", "1"], env)
     run_cmd(["nnunet-semisam", "preprocess-unlabeled", "-d", str(DS), "-c", "2d", "--quiet"], env)
     torch.manual_seed(0)
     sam = build_sam_custom(**SMALL)

@@ -6,7 +6,7 @@ from conftest import run_cmd
 
 def test_demo_small(tmp_path, env):
     out = tmp_path / "demo"
-    cmd = ["nnunet-semisam", "demo", "-o", str(out), "--num-train", "50", "--num-test", "3", "--size", "32",
+    cmd = ["nnunet-semisam", "demo", "-o", str(out), "--num-train", "16", "--num-test", "3", "--size", "32",
            "-tr", "nnUNetTrainer_smoke", "MeanTeacherTrainer_smoke", "MedSAMMambaKDTrainer_smoke", "--quiet"]
     proc = run_cmd(cmd, env, timeout=1200)
     table = (out / "comparison.md").read_text()

@@ -254,8 +254,8 @@ def test_nnunet_plan_and_preprocess_accepts_dataset(env):
     """nnU-Net's own integrity check and 2d preprocessing run on a generated 2d-rgb dataset."""
     make_synthetic_dataset(env["nnUNet_raw"], 43, "2d-rgb", num_labeled=3, num_unlabeled=1, num_test=0,
                            shape=(32, 32), progress=False)
-    run_cmd(["nnUNetv2_plan_and_preprocess", "-d", "43", "-c", "2d", "--verify_dataset_integrity", "-np", "1"],
-            env, timeout=600)
+    run_cmd(["nnUNetv2_plan_and_preprocess", "-d", "43", "-c", "2d", "--verify_dataset_integrity", "-np", "1",
+             "-npfp", "1"], env, timeout=600)
     pre = Path(env["nnUNet_preprocessed"]) / "Dataset043_SynthRGB"
     assert (pre / "nnUNetPlans.json").is_file()
     # the three labeled cases are preprocessed; the unlabeled one (synth_0003) is not nnU-Net's business

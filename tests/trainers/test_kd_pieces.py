@@ -161,7 +161,7 @@ def test_variants_are_plain_subclasses():
     # by name: nnU-Net's trainer lookup may have imported the trainer module under another name in this session
     classes = [c for _, c in inspect.getmembers(v, inspect.isclass) if c.__name__ != "MedSAMMambaKDTrainer"
                and "MedSAMMambaKDTrainer" in [b.__name__ for b in c.__mro__]]
-    src = open(v.__file__).read()
+    src = open(v.__file__, encoding="utf-8").read()
     assert len(classes) >= 20
     for c in classes:
         assert f"class {c.__name__}(" in src and c.__module__ == v.__name__

@@ -65,12 +65,3 @@ def test_kill_and_resume_restores_ema(tiny2d, tmp_path, monkeypatch):
     assert restored == pytest.approx(saved_sum, rel=1e-9)
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["semisam"]["global_step"] == 20
-
-
-def test_missing_unlabeled_cases_is_a_clear_error(tmp_path):
-    from conftest import make_preprocessed_dataset
-
-    env = make_preprocessed_dataset(tmp_path / "n", 993, num_labeled=5, num_unlabeled=0, num_test=0, shape=(32, 32))
-    proc = run_cmd(["nnUNetv2_train", "993", "2d", "0", "-tr", TRAINER, "-device", "cpu"], env, check=False)
-    assert proc.returncode != 0
-    assert "needs unlabeled cases but" in proc.stderr and "nnunet-semisam preprocess-unlabeled -d" in proc.stderr
