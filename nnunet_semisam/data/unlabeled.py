@@ -425,8 +425,9 @@ class _CaseWriter:
     files (zero-filled by SimpleITK), reader errors and the channel count, each as a one-line error naming the file.
     """
 
-    def __init__(self, plans: dict, configuration: str, dataset_json: dict, out_folder: str):
+    def __init__(self, plans: dict, configuration: str, dataset_json: dict, out_folder: str, reader_class=None):
         self.plans, self.configuration, self.dataset_json, self.out_folder = plans, configuration, dataset_json, out_folder
+        self.reader_class = reader_class  # to name the cause when nnU-Net's preprocessor fails without a reason
 
     def __call__(self, job: tuple[str, list[str]]) -> str:
         from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
@@ -447,6 +448,8 @@ class _CaseWriter:
             with contextlib.redirect_stdout(io.StringIO()):
                 data, seg, properties = preprocessor.run_case(files, None, pm, cm, self.dataset_json)
         except Exception as e:
+            if self.reader_class is not None:
+                read_case(case, files, self.reader_class)  # raises the specific reason (e.g. channel sizes differ)
             raise SemiSAMError(f"{files[0]}: case {case} cannot be preprocessed ({_reason(e)})") from None
         expected = len(self.dataset_json["channel_names"])
         if data.shape[0] != expected:
@@ -579,7 +582,7 @@ def preprocess_unlabeled(dataset_name_or_id: int | str, configuration: str, plan
         _remove_case(out, c)
     done = set(listed) - set(changed) - set(removed)
     todo = [(c, f) for c, f in selected.items() if c not in done]
-    writer = _CaseWriter(plans, configuration, dataset_json, str(out))
+    writer = _CaseWriter(plans, configuration, dataset_json, str(out), reader_writer_class(raw, dataset_json))
     finished = []
     with _pool(num_processes) as pool:
         it = pool.imap_unordered(writer, todo) if pool else map(writer, todo)

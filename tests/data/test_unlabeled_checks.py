@@ -162,8 +162,9 @@ def test_truncated_nifti_and_mismatched_channels_are_named(mri2d):
     small = sitk.GetImageFromArray(np.zeros((16, 16), np.float32))
     small.SetSpacing(img.GetSpacing())
     sitk.WriteImage(small, str(first))
-    line = _err(env, "verify-unlabeled", "-d", "993")
-    assert "has channel files of different sizes" in line and first.name in line
+    for cmd in (("verify-unlabeled", "-d", "993"), ("preprocess-unlabeled", "-d", "993", "-c", "2d", "--no-verify")):
+        line = _err(env, *cmd)
+        assert "has channel files of different sizes" in line and first.name in line
     first.write_bytes(backup)
     assert "2 of 2 done" in _ok(env, "preprocess-unlabeled", "-d", "993")
 
