@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import nnunet_env, run_cmd
+from conftest import make_preprocessed_dataset, run_cmd
 
 from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.teachers.sam_models import build_sam_custom, save_sam_checkpoint
@@ -30,14 +30,9 @@ UNLABELED = ["synth_0003", "synth_0004", "synth_0005"]
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from nnunet_semisam.data.synthetic import make_synthetic_dataset
-
     root = tmp_path_factory.mktemp("plchecks")
-    env = nnunet_env(root / "nnunet")
-    make_synthetic_dataset(env["nnUNet_raw"], DS, kind="2d-rgb", num_labeled=3, num_unlabeled=3, num_test=0,
-                           shape=(32, 32), seed=3, progress=False)
-    run_cmd(["nnUNetv2_plan_and_preprocess", "-d", str(DS), "-c", "2d", "-np", "1", "-npfp", "1"], env)
-    run_cmd(["nnunet-semisam", "preprocess-unlabeled", "-d", str(DS), "-c", "2d", "--quiet"], env)
+    env = make_preprocessed_dataset(root / "nnunet", DS, num_labeled=3, num_unlabeled=3, num_test=0, shape=(32, 32),
+                                    seed=3)
     torch.manual_seed(0)
     sam = build_sam_custom(**SMALL)
     ckpt = root / "small.pth"

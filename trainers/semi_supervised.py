@@ -183,14 +183,11 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         command of this dataset, configuration and plans."""
         command = self.preprocess_unlabeled_command
         labeled = self.labeled_case_ids()
-        if not list_preprocessed_unlabeled(self.unlabeled_folder):
-            raise SemiSAMError(f"{self.__class__.__name__} needs unlabeled cases but {self.unlabeled_folder} has "
-                               f"none: run `{command}` (imagesUnlabeled/ must not be empty)")
         allow_subset = os.environ.get(ALLOW_SUBSET_ENV) == "1"
         cases, manifest = check_preprocessed_unlabeled(
             self.unlabeled_folder, self.plans_manager.plans, self.configuration_name, labeled,
             splits_file=os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json"),
-            allow_subset=allow_subset, command=command)
+            allow_subset=allow_subset, command=command, needed_by=self.__class__.__name__)
         self.unlabeled_manifest = manifest
         if allow_subset:
             if manifest.get("complete"):

@@ -336,20 +336,21 @@ ALLOW_SUBSET_ENV = "nnUNet_semisam_allow_unlabeled_subset"  # "1": train on an i
 def check_preprocessed_unlabeled(folder: str | os.PathLike, plans: dict, configuration: str,
                                  labeled_ids: Sequence[str], splits_file: str | os.PathLike | None = None,
                                  allow_subset: bool = False, command: str = "nnunet-semisam preprocess-unlabeled",
-                                 ) -> tuple[list[str], dict]:
+                                 needed_by: str = "training") -> tuple[list[str], dict]:
     """Everything a trainer must know about `<data_identifier>_unlabeled/` before it starts: (cases, manifest).
 
     One-line `SemiSAMError` when the folder is empty, has no manifest, was made with other plans, is incomplete
     (`complete` false in the manifest: a killed or subset run; `allow_subset` accepts it), or when an unlabeled case
     is also a labeled preprocessed case (`labeled_ids`) or a train/val case of nnU-Net's `splits_file` (label leak,
-    e.g. a dataset split after preprocessing). `command` is the preprocess command quoted in the messages.
+    e.g. a dataset split after preprocessing). `command` is the preprocess command quoted in the messages,
+    `needed_by` who asks (a trainer's class name).
     """
     from nnunet_semisam.data.disjoint import check_disjoint, check_splits_disjoint
 
     folder = Path(folder)
     cases = list_preprocessed_unlabeled(folder)
     if not cases:
-        raise SemiSAMError(f"{folder} holds no preprocessed unlabeled case: run `{command}` "
+        raise SemiSAMError(f"{needed_by} needs unlabeled cases but {folder} has none: run `{command}` "
                            f"(imagesUnlabeled/ must not be empty)")
     manifest_file = folder / MANIFEST
     try:

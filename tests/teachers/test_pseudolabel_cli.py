@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import kill_group, nnunet_env, run_cmd, start_in_own_group
+from conftest import kill_group, make_preprocessed_dataset, run_cmd, start_in_own_group
 
 from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.data.pseudolabel_store import load_pseudolabel, load_pseudolabel_checked, stale_cases
@@ -31,14 +31,8 @@ SMALL = dict(encoder_embed_dim=16, encoder_depth=2, encoder_num_heads=1, encoder
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("pl")
-    env = nnunet_env(root / "nnunet")
-    from nnunet_semisam.data.synthetic import make_synthetic_dataset
-
-    make_synthetic_dataset(env["nnUNet_raw"], DS, kind="2d-rgb", num_labeled=3, num_unlabeled=4, num_test=0,
-                           shape=(32, 32), seed=7, progress=False)
-    run_cmd(["nnUNetv2_plan_and_preprocess", "-d", str(DS), "-c", "2d", "-np", "1", "-npfp", "1"], env)
-    run_cmd(["nnunet-semisam", "preprocess-unlabeled", "-d", str(DS), "-c", "2d",
-             "--quiet"], env)
+    env = make_preprocessed_dataset(root / "nnunet", DS, num_labeled=3, num_unlabeled=4, num_test=0, shape=(32, 32),
+                                    seed=7)
     torch.manual_seed(0)
     sam = build_sam_custom(**SMALL)
     with torch.no_grad():
