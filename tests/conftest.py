@@ -120,16 +120,18 @@ PYTHON = sys.executable
 
 def make_preprocessed_dataset(root: Path, dataset_id: int, kind: str = "2d-rgb", num_labeled: int = 6,
                               num_unlabeled: int = 6, num_test: int = 2, shape=(64, 64), seed: int = 0,
-                              unlabeled: bool = True) -> dict[str, str]:
-    """Synthetic dataset -> nnUNetv2_plan_and_preprocess (2d) -> preprocess-unlabeled, under `root`; returns env."""
+                              unlabeled: bool = True, configuration: str = "2d") -> dict[str, str]:
+    """Synthetic dataset -> nnUNetv2_plan_and_preprocess -> preprocess-unlabeled (one configuration, `2d` or
+    `3d_fullres`), under `root`; returns env."""
     from nnunet_semisam.data.synthetic import make_synthetic_dataset
 
     env = nnunet_env(root)
     make_synthetic_dataset(env["nnUNet_raw"], dataset_id, kind=kind, num_labeled=num_labeled,
                            num_unlabeled=num_unlabeled, num_test=num_test, shape=shape, seed=seed, progress=False)
-    run_cmd(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "2d", "-np", "1", "-npfp", "1"], env)
+    run_cmd(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "1", "-npfp", "1"],
+            env)
     if unlabeled and num_unlabeled:
-        run_cmd(["nnunet-semisam", "preprocess-unlabeled", "-d", str(dataset_id), "-c", "2d", "--quiet"], env)
+        run_cmd(["nnunet-semisam", "preprocess-unlabeled", "-d", str(dataset_id), "-c", configuration, "--quiet"], env)
     return env
 
 
@@ -140,6 +142,14 @@ def tiny2d(tmp_path_factory) -> dict[str, str]:
     Tests that train must point nnUNet_results at their own folder (`with_results`).
     """
     return make_preprocessed_dataset(tmp_path_factory.mktemp("tiny2d"), 990)
+
+
+@pytest.fixture(scope="session")
+def tiny3d(tmp_path_factory) -> dict[str, str]:
+    """Session-wide preprocessed 3D dataset 991 (`3d` synthetic kind, 3 MRI-like channels; 6 labeled, 4 unlabeled,
+    2 test volumes of 16x32x32), `3d_fullres` only, unlabeled preprocessed. Train with `with_results`."""
+    return make_preprocessed_dataset(tmp_path_factory.mktemp("tiny3d"), 991, kind="3d", num_labeled=6,
+                                     num_unlabeled=4, num_test=2, shape=(16, 32, 32), configuration="3d_fullres")
 
 
 def with_results(env: dict[str, str], folder: Path) -> dict[str, str]:

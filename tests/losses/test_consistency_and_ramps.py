@@ -69,3 +69,15 @@ def test_ema_update_formula_and_buffers():
     ema.train()
     assert not ema.model.training
     assert not torch.equal(t0, ema.model[0].weight)
+
+
+def test_ema_without_warmup_uses_alpha_from_the_first_step():
+    # BCP (METHODS.md §8.4): plain a = 0.99 even at step 0, so the teacher moves 1 % towards the student
+    student = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        student.weight.fill_(2.0)
+    ema = EMATeacher(student, alpha=0.99, warmup=False)
+    with torch.no_grad():
+        student.weight.fill_(12.0)
+    assert ema.update(student, 0) == 0.99
+    assert ema.model.weight.item() == pytest.approx(0.99 * 2.0 + 0.01 * 12.0)  # 2.1
