@@ -81,7 +81,8 @@ def _finish_quietly(loader) -> None:
 
 
 #: concrete trainers named when the abstract base is asked for
-CONCRETE_TRAINERS = ("MeanTeacherTrainer", "MedSAMMambaKDTrainer")
+CONCRETE_TRAINERS = ("MeanTeacherTrainer", "MedSAMMambaKDTrainer", "UAMTTrainer", "CPSTrainer", "BCPTrainer",
+                     "URPCTrainer", "MCNetPlusTrainer", "CCTTrainer")
 
 
 class SemiSupervisedTrainer(nnUNetTrainer):
@@ -321,6 +322,11 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         set gradient clipping runs over, so that no stepped parameter escapes the clip."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    def optimizers_and_parameters(self) -> list[tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]]:
+        """(optimizer, parameters it steps) pairs: each is zeroed, clipped to `grad_clip_norm` on its own and
+        stepped after the one backward pass of `train_step`. One pair by default; CPS has one per network."""
+        return [(self.optimizer, self.optimized_parameters())]
+
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step with `self.global_step` = index of that step (EMA updates etc.)."""
 
@@ -331,24 +337,30 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             else target.to(self.device, non_blocking=True)
         batch_u = self.next_unlabeled_batch()
 
-        self.optimizer.zero_grad(set_to_none=True)
+        pairs = self.optimizers_and_parameters()
+        for optimizer, _ in pairs:
+            optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             terms = self.compute_loss_terms(data, target, batch_u)
             total = sum(w * v for w, v in terms.values())
         if self.grad_scaler is not None:
             self.grad_scaler.scale(total).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.optimized_parameters(), self.grad_clip_norm)
-            self.grad_scaler.step(self.optimizer)
+            for optimizer, params in pairs:
+                self.grad_scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
+                self.grad_scaler.step(optimizer)
             self.grad_scaler.update()
         else:
             total.backward()
-            torch.nn.utils.clip_grad_norm_(self.optimized_parameters(), self.grad_clip_norm)
-            self.optimizer.step()
+            for optimizer, params in pairs:
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
+                optimizer.step()
         self.after_optimizer_step()
         self.global_step += 1
 
         out = {"loss": total.detach().cpu().numpy()}
+        for name in self.loss_terms:  # a term a method did not compute this step (e.g. another phase's): NaN
+            out[f"loss_{name}"], out[f"weight_{name}"] = float("nan"), float("nan")
         for name, (w, v) in terms.items():
             out[f"loss_{name}"] = float(v.detach())
             out[f"weight_{name}"] = float(w)
@@ -359,8 +371,10 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         super().on_train_epoch_end(train_outputs)
         parts = []
         for name in self.loss_terms:
-            values = [o[f"loss_{name}"] for o in train_outputs if f"loss_{name}" in o]
-            weights = [o[f"weight_{name}"] for o in train_outputs if f"weight_{name}" in o]
+            # steps that computed the term (phased methods leave NaN in the others)
+            done = [o for o in train_outputs if f"weight_{name}" in o and not np.isnan(o[f"weight_{name}"])]
+            values = [o[f"loss_{name}"] for o in done]
+            weights = [o[f"weight_{name}"] for o in done]
             loss, weight = (float(np.mean(values)), float(np.mean(weights))) if values else (float("nan"), 0.0)
             self.logger.log(f"loss_{name}", loss, self.current_epoch)
             self.logger.log(f"weight_{name}", weight, self.current_epoch)
