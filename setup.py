@@ -43,7 +43,9 @@ setup(
         "dicom": ["highdicom", "pydicom"],
         "lora": ["peft", "timm", "transformers"],
         # every optional package that installs on a CPU machine, so that only CUDA-only tests skip
-        "test": ["pytest", "sam2", "highdicom", "pydicom", "peft", "timm", "transformers"],
+        # pytest-xdist: pytest.ini runs the suite in 2 worker processes (most tests wait on single-threaded
+        # nnU-Net subprocesses, so 2 workers on 2 cores nearly halve the wall time)
+        "test": ["pytest", "pytest-xdist", "sam2", "highdicom", "pydicom", "peft", "timm", "transformers"],
     },
     entry_points={"console_scripts": ["nnunet-semisam=nnunet_semisam.cli:main"]},
 )

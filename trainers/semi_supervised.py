@@ -82,7 +82,7 @@ def _finish_quietly(loader) -> None:
 
 #: concrete trainers named when the abstract base is asked for
 CONCRETE_TRAINERS = ("MeanTeacherTrainer", "MedSAMMambaKDTrainer", "UAMTTrainer", "CPSTrainer", "BCPTrainer",
-                     "URPCTrainer", "MCNetPlusTrainer", "CCTTrainer")
+                     "URPCTrainer")
 
 
 class SemiSupervisedTrainer(nnUNetTrainer):
