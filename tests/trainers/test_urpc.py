@@ -3,7 +3,6 @@ upsampling of the pyramid and the supervised mean, nnU-Net's DC+CE settings with
 hooks (perturbing in train mode, identity in eval, state dict untouched), how many pyramid outputs small plans give,
 and what `compute_loss_terms` feeds to each term. The real `nnUNetv2_train` / predict runs are in
 test_baselines_e2e.py."""
-import copy
 from types import SimpleNamespace
 
 import pytest
