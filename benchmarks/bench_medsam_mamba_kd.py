@@ -1,29 +1,38 @@
 """MedSAMMambaKDTrainer benchmark: accuracy at 10 % labels against supervised nnU-Net, and cost per iteration, on CPU.
 
-Accuracy (`accuracy`): one synthetic 2D RGB lesion dataset, fully labeled (dataset A), and a copy split by
-`nnunet-semisam split-labels --fraction 0.1` (dataset B: 10 % labeled, the rest in imagesUnlabeled/). The data are
-made hard enough that labels matter (low lesion contrast, lesion-like distractors, texture: `--contrast`,
-`--distractors`, `--texture`), so that the fully labeled run is well above the 10 % run and a semi-supervised gain
-can show. Both are planned with nnU-Net's default planner (`nnUNetPlans`): the supervised baseline is stock nnU-Net
-(PlainConvUNet), the KD trainer builds its Tiny-MUNet student for the same plans. Runs, all through the real
-`nnUNetv2_train` / `nnUNetv2_predict` commands with the same short schedule (`--schedule`, default `demo`: 12 epochs
-x 25 iterations), fixed seeds, evaluated once on the test set:
+Accuracy (`accuracy`): a thin caller of the benchmark machinery (`nnunet_semisam.benchmark.run_benchmark`, the code
+behind `nnunet-semisam benchmark`). It generates one synthetic 2D RGB lesion dataset, fully labeled, with a test set
+(`OUT/nnUNet_raw/Dataset781_KDBench`), made hard enough that labels matter (low lesion contrast, lesion-like
+distractors, texture: `--contrast`, `--distractors`, `--texture`), so that the fully labeled run is well above the
+10 % run and a semi-supervised gain can show. The machinery plans it once with nnU-Net's default planner
+(`nnUNetPlans`), derives the 10 % dataset (`split-labels --fraction`, seeded by `--seed`: 10 % labeled, the rest in
+imagesUnlabeled/, their labels kept aside) with the same plans, and runs, through the real `nnUNetv2_train` /
+`nnUNetv2_predict` commands, with one schedule (`--schedule`, default `bench`: 40 epochs x 25 iterations), on CPU,
+fold `all` (the machinery's default: every labeled case trains; the old version of this script used fold 0):
 
-1. `nnUNetTrainer_<s>` on B (labeled cases only)               -> supervised 10 %
-2. LiteMedSAM alone on the test images, prompted by GT boxes   -> what the teacher knows (no training)
-3. `MedSAMMambaKDTrainer_<s>` on B (LiteMedSAM teacher)        -> the method
-4. `MedSAMMambaKDTrainer_{boxOnly,noFPKDM,noFBVM}_<s>` on B    -> paper-literal box-only setting and Table 5 ablations
-5. `MedSAMMambaKDTrainer_teacherNative_<s>` on B (`--native`)  -> FPKDM features at 256 instead of the CPU patch side
-6. `nnUNetTrainer_<s>` on A (every training case labeled)      -> supervised 100 %
+1. `nnUNetTrainer_<s>` at 10 %                                 -> supervised 10 % (stock nnU-Net, PlainConvUNet)
+2. LiteMedSAM alone on the test images, prompted by GT boxes   -> what the teacher knows (no training; this script)
+3. `MedSAMMambaKDTrainer_<s>` at 10 % (LiteMedSAM teacher)     -> the method (Tiny-MUNet student, same plans)
+4. `MedSAMMambaKDTrainer_{boxOnly,noFPKDM,noFBVM}_<s>` at 10 % -> box-only setting and Table 5 ablations
+   (`--no-ablations` skips them; the `smoke` schedule has no noFPKDM / noFBVM variants)
+5. `MedSAMMambaKDTrainer_teacherNative_<s>` at 10 % (`--native`: FPKDM features at 256 instead of the CPU patch side;
+   a `demo` variant only)
+6. `nnUNetTrainer_<s>` on the source (every training case labeled) -> supervised 100 % (the machinery's reference)
 
-Test-set Dice / HD95 (`nnunet-semisam evaluate`) are printed as a Markdown table and written to `<out>/kd_accuracy.md`
-and `.json`. Re-running resumes (finished runs are skipped); `--only` picks runs by label.
+The machinery writes `OUT/summary.md` (and results.csv, summary.csv, plots, provenance.json; runs under `OUT/runs/`,
+resumable: finished runs are skipped, failed runs are reported and retried by the next invocation). This script adds
+row 2, the pseudo-label diagnosis of the KD runs (their last teacher targets against the labels `split-labels` kept
+aside) and the gap / share-of-gap line, and writes them with the test Dice / HD95 / ASD of every run as
+`OUT/kd_accuracy.md` and `.json`. It exits 1 if a run failed.
 
 Cost (`cost`): `MedSAMMambaKDTrainer` (CPU feature side) and `_teacherNative` vs `nnUNetTrainer` on the same default
 plans and data, in one process, interleaved blocks of training steps, median ms per iteration and the ratios; peak
 memory of each trainer in a fresh process: peak RSS during its first 3 steps minus the RSS of the ready trainer.
 
-    python benchmarks/bench_medsam_mamba_kd.py accuracy [--out DIR] [--num-train 60] [--size 64] [--contrast 0.25]
+    python benchmarks/bench_medsam_mamba_kd.py accuracy [--out DIR] [--num-train 60] [--num-test 20] [--size 64]
+        [--contrast 0.25] [--fraction 0.1] [--schedule bench] [--no-ablations] [--native]
+    python benchmarks/bench_medsam_mamba_kd.py accuracy --out /tmp/kd --num-train 20 --num-test 4 --size 32 \
+        --schedule smoke --no-ablations                        # a few minutes: every row once
     python benchmarks/bench_medsam_mamba_kd.py cost [--size 64] [--iters 20] [--threads 2]
 """
 from __future__ import annotations
@@ -40,8 +49,10 @@ import threading
 import time
 from pathlib import Path
 
-FULL_ID, SPLIT_ID = 781, 782
+FULL_ID, SPLIT_ID = 781, 782  # cost: its own datasets in a temporary nnU-Net tree
 PLANS = "nnUNetPlans"
+SOURCE_ID, SOURCE_NAME = 781, "KDBench"  # accuracy: the source dataset in OUT/nnUNet_raw
+ABLATIONS = ("boxOnly", "noFPKDM", "noFBVM")
 
 
 def _env(root: Path) -> dict[str, str]:
@@ -66,8 +77,16 @@ def _run(cmd: list[str], env: dict[str, str], log: Path) -> None:
     print(f"  {time.time() - t0:.0f} s", flush=True)
 
 
+def _synth_params(a: argparse.Namespace):
+    from nnunet_semisam.data.synthetic import SynthParams
+
+    return SynthParams(contrast=a.contrast, texture=a.texture, distractors=(a.distractors[0], a.distractors[1]),
+                       tiny_fraction=a.tiny, empty_fraction=a.empty)
+
+
 def _make_datasets(root: Path, env: dict[str, str], a: argparse.Namespace, log: Path) -> tuple[Path, Path]:
-    from nnunet_semisam.data.synthetic import SynthParams, make_synthetic_dataset
+    """The cost measurement's datasets (fully labeled and split, planned and preprocessed)."""
+    from nnunet_semisam.data.synthetic import make_synthetic_dataset
 
     raw = Path(env["nnUNet_raw"])
     full = raw / f"Dataset{FULL_ID:03d}_KDBenchFull"
@@ -75,9 +94,7 @@ def _make_datasets(root: Path, env: dict[str, str], a: argparse.Namespace, log: 
     if not (full / "dataset.json").is_file():
         make_synthetic_dataset(raw, FULL_ID, kind="2d-rgb", num_labeled=a.num_train, num_unlabeled=0,
                                num_test=a.num_test, shape=(a.size, a.size), seed=a.seed, name="KDBenchFull",
-                               params=SynthParams(contrast=a.contrast, texture=a.texture,
-                                                  distractors=(a.distractors[0], a.distractors[1]),
-                                                  tiny_fraction=a.tiny, empty_fraction=a.empty), progress=False)
+                               params=_synth_params(a), progress=False)
     if not (split / "split_labels.json").is_file():
         shutil.rmtree(split, ignore_errors=True)
         shutil.copytree(full, split)
@@ -95,17 +112,33 @@ def _make_datasets(root: Path, env: dict[str, str], a: argparse.Namespace, log: 
     return full, split
 
 
-def _epoch_seconds(fold: Path) -> float:
-    """Sum of nnU-Net's logged 'Epoch time' of a run (also right for runs resumed or done earlier)."""
-    import re
+def make_source(out: Path, a: argparse.Namespace) -> Path:
+    """The fully labeled source dataset `OUT/nnUNet_raw/Dataset781_KDBench` (imagesTs / labelsTs included), made
+    once; an existing one made with other options is an error (its runs would not be these options' runs)."""
+    from nnunet_semisam.data.synthetic import make_synthetic_dataset
 
-    text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
-    return sum(float(t) for t in re.findall(r"Epoch time: ([\d.]+) s", text))
+    params = _synth_params(a)
+    folder = out / "nnUNet_raw" / f"Dataset{SOURCE_ID:03d}_{SOURCE_NAME}"
+    if (folder / "dataset.json").is_file():
+        dj = json.loads((folder / "dataset.json").read_text())
+        syn = dj.get("synthetic", {})
+        have = [dj.get("numTraining"), dj.get("numTest"), syn.get("seed"), syn.get("shape")]
+        have += [syn.get("params", {}).get(k) for k in ("contrast", "texture", "distractors", "tiny_fraction",
+                                                         "empty_fraction")]
+        want = [a.num_train, a.num_test, a.seed, [a.size, a.size], params.contrast, params.texture,
+                list(params.distractors), params.tiny_fraction, params.empty_fraction]
+        if have != want:
+            sys.exit(f"error: {folder} was made with other options ({have} != {want}); use another --out")
+        return folder
+    return make_synthetic_dataset(out / "nnUNet_raw", SOURCE_ID, kind="2d-rgb", num_labeled=a.num_train,
+                                  num_unlabeled=0, num_test=a.num_test, shape=(a.size, a.size), seed=a.seed,
+                                  name=SOURCE_NAME, params=params, progress=False, overwrite=folder.exists())
 
 
-def teacher_alone(raw: Path, root: Path) -> dict:
-    """LiteMedSAM's reference inference on each test image, prompted by the §2.3 boxes of its ground truth; the test
-    metrics of those masks (what the teacher gives without any training)."""
+def teacher_alone(raw: Path, out: Path) -> dict:
+    """LiteMedSAM's reference inference on each test image of the dataset `raw`, prompted by the §2.3 boxes of its
+    ground truth, masks written to `out`; the test metrics of those masks (what the teacher gives without any
+    training)."""
     import numpy as np
     from PIL import Image
 
@@ -114,7 +147,6 @@ def teacher_alone(raw: Path, root: Path) -> dict:
     from nnunet_semisam.teachers.factory import load_teacher
     from nnunet_semisam.teachers.prompts import boxes_from_mask
 
-    out = root / "predictions" / "litemedsam_gt_boxes"
     if not (out / "metrics.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
         teacher = load_teacher(None)
@@ -128,16 +160,15 @@ def teacher_alone(raw: Path, root: Path) -> dict:
             with atomic_path(out / gt.name) as tmp:
                 Image.fromarray(mask).save(tmp, format="PNG")
         evaluate_folders(out, raw / "labelsTs", output_dir=out, progress=False)
-    import json as _json
-
-    m = _json.loads((out / "metrics.json").read_text())["mean"]["mean"]
+    m = json.loads((out / "metrics.json").read_text())["mean"]["mean"]
     return {"Dice %": 100 * m["dice"], "HD95 px": m["hd95_vox"], "ASD px": m["asd_vox"]}
 
 
 def pseudolabel_dice(fold: Path, split: Path) -> dict:
     """Diagnosis, not a result: mean Dice (%) of the trainer's last teacher targets (threshold 0.5) against the labels
     `split-labels` kept aside (`labelsUnlabeled_heldout/`, never read by training), and of the labeled GT-box targets
-    against the labels. Tells whether a weak KD row comes from the pseudo-labels (closed loop) or from the student."""
+    against the labels. Tells whether a weak KD row comes from the pseudo-labels (closed loop) or from the student.
+    `fold`: the run's fold folder; `split`: the raw folder of the derived (split) dataset it trained on."""
     import numpy as np
     from PIL import Image
 
@@ -166,66 +197,85 @@ def pseudolabel_dice(fold: Path, split: Path) -> dict:
             "unlab. with target": f"{out['unlabeled'][1]}/{out['unlabeled'][2]}"}
 
 
-def accuracy(a: argparse.Namespace) -> None:
-    from nnunet_semisam.evaluation.metrics import evaluate_folders, format_markdown_table
+def _run_row(ctx, run, label: str, labeled: str, split_raw: Path) -> dict:
+    """One table row of a benchmark run from its record and metrics (the machinery's files)."""
+    from nnunet_semisam.benchmark import report, runner
 
-    root = Path(a.out).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    env = _env(root)
-    log = root / "bench.log"
+    rec = runner.read_record(ctx, run) or {}
+    row: dict = {"run": label, "labeled": labeled}
+    status = rec.get("status", "pending")
+    m = report.load_json(runner.run_dir(ctx, run) / "metrics" / "metrics.json") if status == "done" else None
+    if m is None:
+        row["status"] = status if status != "done" else "incomplete"
+        row["error"] = rec.get("error")
+    else:
+        m = m["mean"]["mean"]
+        row.update({"Dice %": 100 * m["dice"], "HD95 px": m["hd95_vox"], "ASD px": m["asd_vox"]})
+    row["train s"] = round(rec["train_s"]) if rec.get("train_s") is not None else None
+    fold = runner.fold_dir(ctx, run)
+    if (fold / "pseudolabels").is_dir():
+        row.update(pseudolabel_dice(fold, split_raw))
+    return row
+
+
+def accuracy(a: argparse.Namespace) -> int:
+    from nnunet_semisam.benchmark import BenchmarkOptions, make_plan, run_benchmark, runner
+    from nnunet_semisam.errors import SemiSAMError
+    from nnunet_semisam.evaluation.metrics import format_markdown_table
+
     t_start = time.time()
-    full, split = _make_datasets(root, env, a, log)
-    n_lab = len(list((split / "labelsTr").glob("*.png")))
-    s = a.schedule
-    runs = [("nnUNetTrainer, 10 % labeled", SPLIT_ID, split, f"nnUNetTrainer_{s}"),
-            ("LiteMedSAM alone, GT boxes", SPLIT_ID, split, None),
-            ("MedSAMMambaKDTrainer", SPLIT_ID, split, f"MedSAMMambaKDTrainer_{s}")]
-    runs += [(f"MedSAMMambaKDTrainer_{x}", SPLIT_ID, split, f"MedSAMMambaKDTrainer_{x}_{s}")
-             for x in ("boxOnly", "noFPKDM", "noFBVM")]
-    if a.native:
-        runs.append(("MedSAMMambaKDTrainer_teacherNative", SPLIT_ID, split, f"MedSAMMambaKDTrainer_teacherNative_{s}"))
-    runs.append(("nnUNetTrainer, 100 % labeled", FULL_ID, full, f"nnUNetTrainer_{s}"))
-    if a.only:
-        runs = [r for r in runs if r[0] in a.only]
-    rows = []
-    for label, did, raw, trainer in runs:
-        if trainer is None:
-            rows.append({"run": label, "labeled": "-", **teacher_alone(raw, root), "train s (epochs)": 0})
-            continue
-        fold = Path(env["nnUNet_results"]) / raw.name / f"{trainer}__{PLANS}__2d" / "fold_0"
-        if not (fold / "checkpoint_final.pth").is_file():
-            cont = ["--c"] if (fold / "checkpoint_latest.pth").is_file() else []
-            _run(["nnUNetv2_train", str(did), "2d", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", *cont], env,
-                 log)
-        train_s = _epoch_seconds(fold)
-        pred = root / "predictions" / f"{raw.name}_{trainer}"
-        if not (pred / "metrics.json").is_file():
-            _run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(did), "-c", "2d", "-f",
-                  "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", "-npp", "1", "-nps", "1",
-                  "--disable_progress_bar"], env, log)
-        m = evaluate_folders(pred, raw / "labelsTs", output_dir=pred, progress=False)["mean"]["mean"]
-        labeled = n_lab if did == SPLIT_ID else a.num_train
-        rows.append({"run": label, "labeled": f"{labeled}/{a.num_train}", "Dice %": 100 * m["dice"],
-                     "HD95 px": m["hd95_vox"], "ASD px": m["asd_vox"], "train s (epochs)": round(train_s),
-                     **(pseudolabel_dice(fold, split) if (fold / "pseudolabels").is_dir() else {})})
-    by = {r["run"]: r["Dice %"] for r in rows}
-    base, kd = by.get("nnUNetTrainer, 10 % labeled"), by.get("MedSAMMambaKDTrainer")
-    fullsup = by.get("nnUNetTrainer, 100 % labeled")
-    table = format_markdown_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for k in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc"):  # the subprocesses' data-loading workers, on a CPU box
+        os.environ.setdefault(k, "1")
+    source = make_source(out, a)
+    kd = ["MedSAMMambaKDTrainer"] + ([] if a.no_ablations else [f"MedSAMMambaKDTrainer_{x}" for x in ABLATIONS])
+    kd += ["MedSAMMambaKDTrainer_teacherNative"] if a.native else []
+    o = BenchmarkOptions(out=str(out), dataset=str(source), configuration="2d", trainers=kd, fractions=[a.fraction],
+                         seeds=[a.seed], schedule=a.schedule, device="cpu")
+    try:
+        rc = run_benchmark(o)
+    except SemiSAMError as e:
+        sys.exit(f"error: {e}")
+    # the same plan and context run_benchmark used (o now holds the merged options), to find the runs' folders
+    derived, runs = make_plan(SOURCE_ID, source.name, list(o.trainers), o.fractions, o.labeled, list(o.seeds),
+                              o.configuration, o.fold, o.schedule, o.id_base, o.reference)
+    ctx = runner.Context(out, source, SOURCE_ID, source.name, o.configuration, o.device)
+    split_raw = ctx.raw / derived[0].dataset_name
+    n_lab = sum(1 for _ in (split_raw / "labelsTr").glob("*.png"))
+    at = {(r.method, r.protocol.kind): r for r in runs}
+    rows = [_run_row(ctx, at[("nnUNetTrainer", "fraction")], "nnUNetTrainer, 10 % labeled",
+                     f"{n_lab}/{a.num_train}", split_raw),
+            {"run": "LiteMedSAM alone, GT boxes", "labeled": "-", **teacher_alone(source, out / "litemedsam_gt_boxes"),
+             "train s": 0}]
+    rows += [_run_row(ctx, at[(m, "fraction")], m, f"{n_lab}/{a.num_train}", split_raw) for m in kd]
+    rows.append(_run_row(ctx, at[("nnUNetTrainer", "full")], "nnUNetTrainer, 100 % labeled",
+                         f"{a.num_train}/{a.num_train}", split_raw))
+    by = {r["run"]: r.get("Dice %") for r in rows}
+    base, kd_dice = by["nnUNetTrainer, 10 % labeled"], by["MedSAMMambaKDTrainer"]
+    fullsup = by["nnUNetTrainer, 100 % labeled"]
     summary = ""
-    if None not in (base, kd, fullsup):
+    if None not in (base, kd_dice, fullsup):
         gap = fullsup - base
         summary = (f"gap fully labeled - 10 %: {gap:+.2f} Dice points (needs >= 10); KD - supervised 10 %: "
-                   f"{kd - base:+.2f} (target >= +5); share of the gap closed by KD: "
-                   f"{(kd - base) / gap if gap else float('nan'):.2f} (target >= 0.5)")
+                   f"{kd_dice - base:+.2f} (target >= +5); share of the gap closed by KD: "
+                   f"{(kd_dice - base) / gap if gap else float('nan'):.2f} (target >= 0.5)")
+    columns = [c for c in dict.fromkeys(k for r in rows for k in r) if c != "error"]
+    table = format_markdown_table(rows, columns)
+    errors = "".join(f"\n{r['run']}: {r['status']}{': ' + r['error'] if r.get('error') else ''}"
+                     for r in rows if "status" in r)
     header = (f"synthetic 2d-rgb, {a.num_train} train / {a.num_test} test images of {a.size}x{a.size}, lesion "
-              f"contrast {a.contrast}, texture {a.texture}, distractors {a.distractors}, tiny {a.tiny}, "
-              f"empty {a.empty}, seed {a.seed}, schedule `_{s}`, plans {PLANS}, "
-              f"teacher: {os.environ.get('SEMISAM_TEACHER') or 'LiteMedSAM (bundled)'}")
-    text = f"{header}\n\n{table}\n\n{summary}\n"
-    (root / "kd_accuracy.md").write_text(text)
-    (root / "kd_accuracy.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
-    print(f"\n{text}\ntotal {time.time() - t_start:.0f} s; {root / 'kd_accuracy.md'}")
+              f"contrast {a.contrast}, texture {a.texture}, distractors {list(a.distractors)}, tiny {a.tiny}, "
+              f"empty {a.empty}, seed {a.seed}, {100 * a.fraction:g} % labeled, schedule `{o.schedule}`, fold "
+              f"{o.fold}, plans {PLANS}, teacher: {os.environ.get('SEMISAM_TEACHER') or 'LiteMedSAM (bundled)'}; "
+              f"benchmark tables: {out / 'summary.md'}")
+    text = f"{header}\n\n{table}\n{summary}\n{errors}"
+    from nnunet_semisam.io import atomic_write_json, atomic_write_text
+
+    atomic_write_text(out / "kd_accuracy.md", text)
+    atomic_write_json(out / "kd_accuracy.json", {"header": header, "rows": rows, "summary": summary})
+    print(f"\n{text}\ntotal {time.time() - t_start:.0f} s; {out / 'kd_accuracy.md'}")
+    return rc
 
 
 def _rss_mb() -> float:
@@ -343,16 +393,18 @@ def main() -> None:
             p.add_argument("--num-train", type=int, default=60)
             p.add_argument("--num-test", type=int, default=20)
             p.add_argument("--fraction", type=float, default=0.1)
-            p.add_argument("--schedule", default="demo", help="trainer suffix: demo (12x25 iterations), bench (40x25) or smoke")
+            p.add_argument("--schedule", default="bench", choices=("smoke", "demo", "bench"),
+                           help="bench (40x25 iterations), demo (12x25) or smoke (2x10: add --no-ablations)")
+            p.add_argument("--no-ablations", action="store_true",
+                           help="skip the _boxOnly / _noFPKDM / _noFBVM runs")
             p.add_argument("--native", action="store_true",
-                           help="also FPKDM teacher features at LiteMedSAM's native 256 (slow on CPU)")
-            p.add_argument("--only", nargs="*", default=None,
-                           help="run only the runs with these labels (as in the table)")
+                           help="also FPKDM teacher features at LiteMedSAM's native 256 (slow on CPU; --schedule "
+                                "demo)")
         else:
             p.add_argument("--iters", type=int, default=20)
             p.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    accuracy(a) if a.what == "accuracy" else cost(a)
+    sys.exit(accuracy(a)) if a.what == "accuracy" else cost(a)
 
 
 if __name__ == "__main__":
