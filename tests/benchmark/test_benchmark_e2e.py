@@ -103,7 +103,7 @@ def test_failed_runs_are_reported_not_dropped(bench):
         mine = [x for x in rows if x["run_id"] == r]
         assert len(mine) == 1 and mine[0]["status"] == "failed" and mine[0]["dice"] == ""
         assert "needs unlabeled cases" in mine[0]["error"]
-        assert json.loads((out / "runs" / r / "run.json").read_text())["status"] == "failed"
+        assert json.loads((out / "runs" / r / "run.json").read_text(encoding="utf-8"))["status"] == "failed"
     summary = {(s["method"], s["protocol"]): s for s in csv.DictReader(open(out / "summary.csv"))}
     mt = summary[("MeanTeacherTrainer", "3 labeled")]
     assert (mt["n_runs"], mt["n_done"], mt["n_failed"], mt["dice_mean"], mt["wilcoxon_p"]) == ("1", "0", "1", "", "")
