@@ -2,18 +2,17 @@
 
 The volume is an MR-like float image with a bright elliptic lesion whose size and position change from slice to
 slice; the "prediction" is the truth with deliberate errors. LiteMedSAM's encoder costs ~2.5 s per slice on two
-cores, so the tests share one loaded teacher and run 1 + 3 slices through it.
+cores, so the tests share one loaded teacher (the CLI test runs `main` in this process with it) and run 1 + 3
+slices through it.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import run_cmd
 from nnunet_semisam.deploy.refine import (box_from_click, refine_prediction, replace_label, segment_slices,
                                           teacher_volume)
 from nnunet_semisam.errors import SemiSAMError
@@ -156,15 +155,21 @@ def test_box_refine_replaces_exactly_that_slice_with_a_litemedsam_mask(case, lit
     assert src.GetDirection() == ref.GetDirection() and src.GetPixelID() == ref.GetPixelID()
 
 
-def test_cli_click_on_a_missed_lesion_with_propagation(case, tmp_path: Path) -> None:
+def test_cli_click_on_a_missed_lesion_with_propagation(case, lite, tmp_path: Path, monkeypatch, capsys) -> None:
+    from nnunet_semisam.cli import main
+    from nnunet_semisam.deploy import refine as refine_mod
+
+    loaded = []
+    monkeypatch.setattr(refine_mod, "load_refine_teacher", lambda *args: loaded.append(args) or lite)  # shared
     truth, old = case["truth"], case["pred_array"]
     out = tmp_path / "refined.nii.gz"
     ys, xs = np.nonzero(truth[3])
     click = [str(int(xs.mean())), str(int(ys.mean()))]  # on background: the prediction missed slice 3's lesion
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = run_cmd(["nnunet-semisam", "refine", str(case["pred"]), str(case["image"]), "--slice", "3",
-                    "--click", *click, "--propagate", "1", "-o", str(out), "-device", "cpu"], env)
-    assert "slice 3: label 1 0 -> " in proc.stdout and f"wrote {out}" in proc.stdout
+    assert main(["refine", str(case["pred"]), str(case["image"]), "--slice", "3", "--click", *click,
+                 "--propagate", "1", "-o", str(out), "-device", "cpu"]) == 0
+    assert loaded == [("litemedsam", None, "cpu", None, 512)]
+    stdout = capsys.readouterr().out
+    assert "slice 3: label 1 0 -> " in stdout and f"wrote {out}" in stdout
     new = read(out)
     np.testing.assert_array_equal(new[:2], old[:2])  # only slices 2..4 were re-segmented
     assert dice(new[3] == 1, truth[3]) > 0.8
@@ -232,7 +237,7 @@ def test_in_place_write_is_atomic_and_errors_are_one_line(case, tmp_path: Path, 
     assert rc == 2 and err == "error: --slice 9 outside the volume's 5 slices (0..4)\n"
 
 
-def test_medsam2_propagation_touches_only_the_neighbouring_slices(case) -> None:
+def test_medsam2_propagation_touches_only_the_neighbouring_slices(case, monkeypatch) -> None:
     pytest.importorskip("sam2", reason="optional extra nnunet-semisam[medsam2]")
     import torch
 
@@ -242,7 +247,7 @@ def test_medsam2_propagation_touches_only_the_neighbouring_slices(case) -> None:
             "++model.image_encoder.trunk.stages=[1,1,1,2]", "++model.image_encoder.trunk.global_att_blocks=[4]",
             "++model.image_encoder.neck.backbone_channel_list=[64,32,16,8]", "++model.memory_attention.num_layers=1",
             "++model.memory_attention.layer.dim_feedforward=64", "++model.num_maskmem=2"]
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
     torch.manual_seed(0)
     teacher = MedSAM2Teacher.from_checkpoint(None, image_size=64, hydra_overrides=tiny)  # random weights
     volume = teacher_volume(read(case["image"]))
