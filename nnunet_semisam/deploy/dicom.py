@@ -122,6 +122,9 @@ def dicom_cases(root: str | os.PathLike, case_id: str | None = None) -> dict[str
     if own:
         raise SemiSAMError(f"DICOM folder {root} holds a series and sub-folders with series; give one folder per "
                            "case (a series, or sub-folders that each hold one series)")
+    if case_id is not None and per_sub:
+        raise SemiSAMError(f"a case name ({case_id!r}) is for a folder that is one series; {root} holds case folders, "
+                           "named after themselves")
     cases: dict[str, DicomSeries] = {}
     for p, series in sorted(per_sub.items()):
         if len(series) > 1:
