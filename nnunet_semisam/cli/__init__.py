@@ -26,6 +26,7 @@ VERB_MODULES = (
     "nnunet_semisam.cli.pseudolabel",
     "nnunet_semisam.cli.convert",
     "nnunet_semisam.cli.benchmark",
+    "nnunet_semisam.cli.train",
 )
 
 
