@@ -21,6 +21,7 @@ the teacher, it is not re-copied from the student).
 """
 import torch
 
+from nnunet_semisam.distributed import per_rank_share, world_size
 from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.losses.baselines import bcp_region_loss
 from nnunet_semisam.losses.primitives import copy_paste_box_mask, largest_connected_component
@@ -55,9 +56,11 @@ class BCPTrainer(SemiSupervisedTrainer):
 
     def preflight_checks(self) -> None:
         super().preflight_checks()
-        if self.configuration_manager.batch_size < 2:
-            raise SemiSAMError(f"{self.__class__.__name__} mixes the two halves of a batch: the plans' batch size is "
-                               f"{self.configuration_manager.batch_size}, it needs at least 2")
+        batch = per_rank_share(self.configuration_manager.batch_size)  # the plans' batch, or this DDP rank's part
+        if batch < 2:
+            where = f" split over {world_size()} processes is {batch} per process" if world_size() > 1 else ""
+            raise SemiSAMError(f"{self.__class__.__name__} mixes the two halves of a batch: the plans' batch size "
+                               f"{self.configuration_manager.batch_size}{where}; it needs at least 2")
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()

@@ -13,16 +13,15 @@ by its own optimizer (`optimizers_and_parameters`).
 
 Checkpoint: `network_weights` / `optimizer_state` are network 1's (nnUNetv2_predict uses network 1); network 2's
 weights and optimizer state are `semisam.network2` / `semisam.optimizer2`, restored by `--c`. The poly schedule is a
-function of the epoch, so it needs no state. DDP wraps network 2 like nnU-Net wraps network 1.
+function of the epoch, so it needs no state. Under DDP network 2 is wrapped like network 1 (`wrap_ddp`).
 """
 import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nnunet_semisam.distributed import unwrap
 from nnunet_semisam.losses.baselines import cps_pseudo_supervision
 from nnunet_semisam.schedules import consistency_weight
-from nnunet_semisam.teachers.ema import unwrap
 from nnunet_semisam.trainers.semi_supervised import LossTerms, SemiSupervisedTrainer, full_resolution, split_batch
 from nnunet_semisam.trainers.short_schedules import DEMO, SMOKE, apply_schedule
 
@@ -58,9 +57,7 @@ class CPSTrainer(SemiSupervisedTrainer):
         self.optimizer2 = torch.optim.SGD(net.parameters(), self.initial_lr, weight_decay=self.weight_decay,
                                           momentum=0.99, nesterov=True)  # nnU-Net's configure_optimizers
         self.lr_scheduler2 = PolyLRScheduler(self.optimizer2, self.initial_lr, self.num_epochs)
-        if self.is_ddp:
-            net = DDP(nn.SyncBatchNorm.convert_sync_batchnorm(net), device_ids=[self.local_rank])
-        self.network2 = net
+        self.network2 = self.wrap_ddp(net)  # DDP on this rank's device, like the network (distributed.py)
 
     def optimizers_and_parameters(self):
         return [(self.optimizer, list(self.network.parameters())), (self.optimizer2, list(self.network2.parameters()))]

@@ -46,6 +46,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from nnunet_semisam.data.case_arrays import zscored_image_label_pairs
 from nnunet_semisam.data.soft_targets import SoftTargetDataset, image_channels_only, split_soft_targets
+from nnunet_semisam.distributed import unwrap
 from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.losses.fbvm import estimate_polarity, fbvm_loss, nonmin_valid_mask, valid_from_background
 from nnunet_semisam.losses.fpkdm import FeatureProjector, fpkdm_responses
@@ -64,6 +65,9 @@ from nnunet_semisam.trainers.semi_supervised import LossTerms, SemiSupervisedTra
 
 class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
     loss_terms = ("supervised", "kd_l", "rd_l", "fbvm_l", "kd_u", "rd_u", "fbvm_u")
+    compile_network = False
+    compile_off_reason = ("FPKDM re-runs the student's later stages (`encode_from`) on perturbed features and the "
+                          "Mamba scan has its own backward")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -114,8 +118,8 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
 
     def initialize(self):
         super().initialize()
-        self.print_to_log_file(describe_kd_student(self.configuration_manager, self.network, self.num_input_channels,
-                                                   self.label_manager.num_segmentation_heads))
+        self.print_to_log_file(describe_kd_student(self.configuration_manager, unwrap(self.network),
+                                                   self.num_input_channels, self.label_manager.num_segmentation_heads))
 
     # ------------------------------------------------------------------------------------------------ start-up checks
     #: allowed values of the method's string settings (checked by `preflight_checks`)
@@ -247,7 +251,7 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
         self.print_to_log_file(f"pseudo-label round {self.pl_round + 1}: student boxes -> teacher for {len(cases)} "
                                "unlabeled cases")
         start = time()
-        predict = SlidingWindowForeground(self.network, self.plans_manager, self.configuration_manager,
+        predict = SlidingWindowForeground(unwrap(self.network), self.plans_manager, self.configuration_manager,
                                           self.dataset_json, self.__class__.__name__, self.device)
         self.network.eval()
         try:
@@ -267,7 +271,7 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
 
         def reinject_student(f1: torch.Tensor) -> list[torch.Tensor]:
             with frozen_running_stats(self.network):  # the perturbed re-run must not move BN statistics
-                return self.network.encode_from(1, f1)[:levels - 1]
+                return unwrap(self.network).encode_from(1, f1)[:levels - 1]
 
         return fpkdm_responses(self.features.first_tap(x, background), self.features.reinject, features[:levels],
                                reinject_student, self.projector, self.fpkdm_sigma)

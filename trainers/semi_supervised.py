@@ -50,6 +50,9 @@ from torch import autocast
 from nnunet_semisam.data.unlabeled import (ALLOW_SUBSET_ENV, UNLABELED_SUFFIX, check_preprocessed_unlabeled,
                                            list_preprocessed_unlabeled)
 from nnunet_semisam.data.views import unpack_views, weak_strong_pipeline
+from nnunet_semisam.distributed import (DistributedTrainerMixin, all_gather_objects, all_reduce_gradients,
+                                        broadcast_module, per_rank_share, rank, rank_seeds, shared_random_seed, unwrap,
+                                        world_size)
 from nnunet_semisam.errors import SemiSAMError, install_one_line_errors
 from nnunet_semisam.io import atomic_path
 from nnunet_semisam.plotting import plot_loss_terms
@@ -85,11 +88,17 @@ CONCRETE_TRAINERS = ("MeanTeacherTrainer", "MedSAMMambaKDTrainer", "UAMTTrainer"
                      "URPCTrainer")
 
 
-class SemiSupervisedTrainer(nnUNetTrainer):
+class SemiSupervisedTrainer(DistributedTrainerMixin, nnUNetTrainer):
     """Base class: labeled + unlabeled loaders, per-term loss logging, extra checkpoint state (module docstring)."""
 
     #: names of the terms `compute_loss_terms` returns; each is logged as loss_<name> / weight_<name>
     loss_terms: tuple[str, ...] = ("supervised",)
+    #: DDP: methods keep heads / branches that a phase does not train (nnU-Net's decoders build every DS head)
+    ddp_find_unused_parameters = True
+    #: torch.compile of the network (nnU-Net's default on CUDA): None keeps nnU-Net's choice; False turns it off with
+    #: `compile_off_reason` in the log (methods that call into the network's internals or hook its modules)
+    compile_network: bool | None = None
+    compile_off_reason = ""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -225,9 +234,54 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             sys.stderr = old_stderr
 
     def on_train_start(self):
-        """`preflight` first, then nnU-Net's start (initialisation, data loaders and their workers)."""
+        """`preflight` first, then nnU-Net's start (initialisation, data loaders and their workers); under DDP the
+        method's extra modules are then made identical on every rank (`synchronise_extra_modules`)."""
         self.preflight()
         super().on_train_start()
+        self.synchronise_extra_modules()
+
+    def _do_i_compile(self) -> bool:
+        """nnU-Net's choice (torch.compile on CUDA unless `nnUNet_compile` says otherwise), unless the method sets
+        `compile_network = False` (one log line with the reason)."""
+        default = super()._do_i_compile()
+        if default and self.compile_network is False:
+            self.print_to_log_file(f"torch.compile is off for {self.__class__.__name__}: {self.compile_off_reason}")
+            return False
+        return default
+
+    # ------------------------------------------------------------------------------------------------ DDP
+    def extra_modules(self) -> dict[str, torch.nn.Module]:
+        """The method's modules besides `self.network` (EMA teachers, projectors, second networks, heads): every
+        `nn.Module` attribute of the trainer except the network and the loss."""
+        skip = {id(self.network), id(getattr(self, "loss", None))}
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.nn.Module) and id(v) not in skip}
+
+    def synchronise_extra_modules(self) -> None:
+        """DDP: broadcast every extra module from rank 0 (their random initialisations differ per rank; DDP
+        already did this for the network and for modules wrapped with `wrap_ddp`). A no-op in one process."""
+        if not self.is_ddp:
+            return
+        modules = self.extra_modules()
+        for module in modules.values():
+            if not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+                broadcast_module(module)
+        self.print_to_log_file(f"DDP: {len(modules)} extra module(s) synchronised from rank 0 "
+                               f"({', '.join(sorted(modules)) or 'none'})")
+
+    def _ddp_synchronised_parameters(self) -> set[int]:
+        """ids of the parameters whose gradients DDP itself averages (the network and `wrap_ddp`-ed modules)."""
+        wrapped = [self.network] + [m for m in self.extra_modules().values()
+                                    if isinstance(m, torch.nn.parallel.DistributedDataParallel)]
+        return {id(p) for m in wrapped for p in m.parameters()}
+
+    def synchronise_gradients(self) -> None:
+        """DDP: average over ranks the gradients of every stepped parameter that DDP does not (projectors, heads,
+        extra networks), so that every rank takes the same optimizer step. A no-op in one process."""
+        if not self.is_ddp:
+            return
+        synced = self._ddp_synchronised_parameters()
+        all_reduce_gradients([p for _, params in self.optimizers_and_parameters() for p in params
+                              if id(p) not in synced])
 
     # ------------------------------------------------------------------------------------------------ data
     def get_dataloaders(self):
@@ -274,19 +328,33 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         patch_size = self.configuration_manager.patch_size
         _, _, initial_patch_size, _ = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         transforms = self.unlabeled_transforms()
-        batch_size = self.unlabeled_batch_size or self.batch_size
+        batch_size = self.unlabeled_batch_size_per_rank
         loader = nnUNetDataLoader(self.unlabeled_dataset(cases), batch_size, initial_patch_size, patch_size,
                                   self.label_manager, oversample_foreground_percent=0.0, transforms=transforms)
         loader.has_ignore = False  # uniform random crops; unlabeled cases carry no class locations
         n_proc = get_allowed_n_proc_DA()
+        base_seed = shared_random_seed()
+        seeds = rank_seeds(base_seed, max(1, n_proc))
         if n_proc == 0:
+            if self.is_ddp:  # single-process loading draws from numpy's global stream: one per rank
+                np.random.seed(seeds[0])
             gen = SingleThreadedAugmenter(loader, None)
         else:
             gen = NonDetMultiThreadedAugmenter(loader, None, num_processes=n_proc, num_cached=max(6, n_proc // 2),
-                                               seeds=None, pin_memory=self.device.type == "cuda", wait_time=0.002)
+                                               seeds=seeds, pin_memory=self.device.type == "cuda", wait_time=0.002)
+        ddp = f", rank {rank()} of {world_size()}" if self.is_ddp else ""
         self.print_to_log_file(f"Unlabeled loader: {len(cases)} cases from {self.unlabeled_folder}, "
-                               f"batch {len(cases) and batch_size} (labeled batch {self.batch_size})")
+                               f"batch {len(cases) and batch_size} (labeled batch {self.batch_size}{ddp}), "
+                               f"worker seeds from base seed {base_seed}")
         return gen
+
+    @property
+    def unlabeled_batch_size_per_rank(self) -> int:
+        """B_u of this process: `unlabeled_batch_size` (global; default the plans' batch size, METHODS.md §1.2)
+        split over the DDP ranks like nnU-Net splits the labeled batch."""
+        if self.unlabeled_batch_size is None:
+            return self.batch_size  # nnU-Net's labeled batch, already this rank's share
+        return per_rank_share(self.unlabeled_batch_size)
 
     def next_unlabeled_batch(self) -> dict[str, torch.Tensor]:
         """Next unlabeled batch on the device: `weak`, `strong`, `extra` (B_u, ...) and `valid` (B_u, 1, ...)."""
@@ -345,6 +413,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             total = sum(w * v for w, v in terms.values())
         if self.grad_scaler is not None:
             self.grad_scaler.scale(total).backward()
+            self.synchronise_gradients()
             for optimizer, params in pairs:
                 self.grad_scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
@@ -352,6 +421,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             self.grad_scaler.update()
         else:
             total.backward()
+            self.synchronise_gradients()
             for optimizer, params in pairs:
                 torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
                 optimizer.step()
@@ -370,6 +440,10 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
         parts = []
+        if self.is_ddp:  # every rank's steps (nnU-Net gathers its total loss the same way)
+            train_outputs = [o for outputs in all_gather_objects(
+                [{k: v for k, v in o.items() if k.startswith(("loss_", "weight_"))} for o in train_outputs])
+                for o in outputs]
         for name in self.loss_terms:
             # steps that computed the term (phased methods leave NaN in the others)
             done = [o for o in train_outputs if f"weight_{name}" in o and not np.isnan(o[f"weight_{name}"])]

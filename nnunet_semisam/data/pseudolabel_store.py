@@ -201,10 +201,30 @@ def write_manifest(folder: str | os.PathLike, params: PseudoLabelParams, info: d
         expected = sorted(set(expected))
         skip = set(unverified)
         done = [c for c in expected if c not in skip and (cases.get(c) or {}).get("params_sha1") == psha]
-        extra = {"num_expected": len(expected), "num_done": len(done), "complete": len(done) == len(expected)}
+        extra = {"num_expected": len(expected), "num_done": len(done), "complete": len(done) == len(expected),
+                 "expected_cases": expected}
     man = {"format": FORMAT, "params": asdict(params), "params_sha1": psha, **info, **extra, "cases": cases}
     atomic_write_json(folder / MANIFEST, man)
     return man
+
+
+def merge_shards(folder: str | os.PathLike) -> dict:
+    """Re-index `folder`'s manifest over every per-case record present, after shards (`--num-parts`, DDP ranks,
+    SLURM array tasks) wrote their own cases concurrently: each shard rewrote the manifest from what it had seen,
+    so the last one may miss records of shards that finished at the same time. Records are per case and written
+    atomically, so shards never conflict; only the index is redone. Returns the new manifest (`complete` when every
+    expected case has a record of the manifest's parameters)."""
+    m = Path(folder) / MANIFEST
+    if not m.is_file():
+        raise SemiSAMError(f"{folder} has no {MANIFEST}: not a pseudo-label folder (run nnunet-semisam pseudolabel)")
+    old = json.loads(m.read_text())
+    if "expected_cases" not in old:
+        raise SemiSAMError(f"{m} lists no expected cases (written by an older version): re-run one shard of "
+                           "nnunet-semisam pseudolabel to refresh it")
+    params = PseudoLabelParams(**old["params"])
+    known = {"format", "params", "params_sha1", "num_expected", "num_done", "complete", "expected_cases", "cases"}
+    info = {k: v for k, v in old.items() if k not in known}
+    return write_manifest(folder, params, info, old["expected_cases"])
 
 
 def check_manifest(folder: str | os.PathLike, params: PseudoLabelParams, overwrite: bool = False) -> None:

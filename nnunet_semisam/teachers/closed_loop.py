@@ -28,7 +28,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from nnunet_semisam.data.pseudolabel_store import PseudoLabelParams, manifest_params_sha1, read_record
+from nnunet_semisam import distributed
+from nnunet_semisam.data.pseudolabel_store import PseudoLabelParams, manifest_params_sha1, read_record, write_manifest
+from nnunet_semisam.distributed import shard_of
 from nnunet_semisam.teachers.pseudolabels import CaseSource, generate_pseudolabels
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # preprocessed case (C, *spatial) -> foreground mask (*spatial)
@@ -162,32 +164,53 @@ class ClosedLoopTargets:
                                  teacher_channel=self.teacher_channel, extra=extra)
 
     def labeled_targets(self, cases: Sequence[CaseSource]) -> dict[str, str]:
-        """MedSAM from GT boxes for every labeled case not done yet (resumable); {case: done | skipped}."""
+        """MedSAM from GT boxes for every labeled case not done yet (resumable); {case: done | skipped} for the
+        cases of this DDP rank's shard (all cases in one process)."""
         params = self._params("gt-boxes", 1, {"closed_loop": "labeled"})
-        with ProgressLog(self.labeled_folder, [c.case_id for c in cases], "labeled GT-box targets", self.log,
-                         self.log_chunks):
-            return generate_pseudolabels(
+        info = {"stage": "labeled GT-box targets (METHODS.md §4.5)"}
+        overwrite = self._stale_manifest(self.labeled_folder, params)
+        distributed.barrier()  # every rank has judged the old manifest before any rank writes
+        with ProgressLog(self.labeled_folder, shard_of(sorted(c.case_id for c in cases)),
+                         "labeled GT-box targets", self.log, self.log_chunks):
+            status = generate_pseudolabels(
                 self.teacher, cases, self.labeled_folder, params, self.normalization_schemes,
                 self.intensity_properties, mask_fn=lambda case, data, seg: seg[0] > 0, progress=self.progress,
-                run_info={"stage": "labeled GT-box targets (METHODS.md §4.5)"},
-                overwrite=self._stale_manifest(self.labeled_folder, params), workers=self.workers)
+                run_info=info, overwrite=overwrite, workers=self.workers, num_parts=distributed.world_size(),
+                part_id=distributed.rank())
+        self._finish_shards(self.labeled_folder, params, info, cases)
+        return status
 
     def refresh(self, cases: Sequence[CaseSource], predict_foreground: PredictFn, round_index: int) -> dict[str, int]:
         """Round `round_index`: student boxes -> MedSAM for every unlabeled case, replacing the previous maps.
 
-        Returns {"cases": n, "available": number of cases with at least one box}.
+        Under DDP every rank does its shard of the cases (`distributed.shard_of` order), with its own copy of the
+        student (identical on every rank), and waits for the others: every rank then reads the same targets.
+        Returns {"cases": n, "available": number of cases with at least one box} over all cases.
         """
         params = self._params("student", self.box_min_area, {"closed_loop": "unlabeled", "round": int(round_index)})
-        with ProgressLog(self.unlabeled_folder, [c.case_id for c in cases],
+        info = {"stage": f"closed-loop refresh round {round_index} (METHODS.md §4.5)"}
+        distributed.barrier()  # nobody reads or rewrites the store while a rank still trains on the old maps
+        with ProgressLog(self.unlabeled_folder, shard_of(sorted(c.case_id for c in cases)),
                          f"closed-loop refresh round {round_index}", self.log, self.log_chunks):
             generate_pseudolabels(
                 self.teacher, cases, self.unlabeled_folder, params, self.normalization_schemes,
                 self.intensity_properties,
                 mask_fn=lambda case, data, seg: np.asarray(predict_foreground(data), bool), progress=self.progress,
-                run_info={"stage": f"closed-loop refresh round {round_index} (METHODS.md §4.5)"}, overwrite=True,
-                workers=self.workers)
+                run_info=info, overwrite=True, workers=self.workers, num_parts=distributed.world_size(),
+                part_id=distributed.rank())
+        self._finish_shards(self.unlabeled_folder, params, info, cases)
         available = sum(bool((read_record(self.unlabeled_folder, c.case_id) or {}).get("available")) for c in cases)
         return {"cases": len(cases), "available": int(available)}
+
+    @staticmethod
+    def _finish_shards(folder: Path, params: PseudoLabelParams, info: dict, cases: Sequence[CaseSource]) -> None:
+        """DDP: wait for every rank's shard, then rank 0 re-indexes the manifest over all records (each shard wrote
+        it from what it had seen); the second barrier keeps readers behind that write."""
+        if distributed.is_distributed():
+            distributed.barrier()
+            if distributed.rank() == 0:
+                write_manifest(folder, params, info, [c.case_id for c in cases])
+            distributed.barrier()
 
     @staticmethod
     def _stale_manifest(folder: Path, params: PseudoLabelParams) -> bool:

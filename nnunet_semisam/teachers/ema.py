@@ -6,12 +6,7 @@ import copy
 import torch
 from torch import nn
 
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module behind DDP and torch.compile wrappers."""
-    if hasattr(module, "module") and isinstance(module, nn.parallel.DistributedDataParallel):
-        module = module.module
-    return getattr(module, "_orig_mod", module)
+from nnunet_semisam.distributed import unwrap
 
 
 class EMATeacher(nn.Module):

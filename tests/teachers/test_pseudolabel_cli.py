@@ -137,6 +137,35 @@ def test_shards_cover_each_case_once(dataset):
         shard([1], 2, 2)
 
 
+def test_concurrent_shards_merge_into_one_complete_folder(dataset, tmp_path):
+    """Two shards (`--shard 0/2`, `--shard 1/2`) started at the same time into one folder, as two GPUs or nodes
+    would run them, then `pseudolabel-merge`: every case once, the same maps as one unsharded run, a complete
+    manifest; a folder with a case missing is reported (exit 1) with the missing case named."""
+    args = ["--prompts", "file", "--prompt-file", dataset["masks"], "--cases", "all"]
+    out, single = tmp_path / "sharded", tmp_path / "single"
+    base = ["nnunet-semisam", "pseudolabel", "-d", str(DS), "-c", "2d", "--checkpoint", dataset["ckpt"],
+            "--device", "cpu", "--quiet", *args, "-o", str(out)]
+    procs = [subprocess.Popen(base + ["--shard", f"{i}/2"], env=dataset["env"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    assert all(p.wait(timeout=600) == 0 for p in procs), [p.stderr.read()[-2000:] for p in procs]
+    r = run_cmd(["nnunet-semisam", "pseudolabel-merge", "-o", str(out)], dataset["env"])
+    assert "7/7 cases done" in r.stdout
+    man = json.loads((out / "manifest.json").read_text())
+    assert (man["num_expected"], man["num_done"], man["complete"]) == (7, 7, True) and len(man["cases"]) == 7
+    _cli(dataset, *args, "-o", str(single))
+    sharded, whole = _outputs(out), _outputs(single)
+    assert sorted(sharded) == sorted(whole) == [f"synth_{i:04d}" for i in range(7)]
+    for case, (prob, conf, _) in whole.items():
+        np.testing.assert_array_equal(sharded[case][0], prob)
+        np.testing.assert_array_equal(sharded[case][1], conf)
+    for suffix in (".npz", ".json"):
+        (out / f"synth_0003{suffix}").unlink()
+    r = run_cmd(["nnunet-semisam", "pseudolabel-merge", "-o", str(out)], dataset["env"], check=False)
+    assert r.returncode == 1 and "6/7 cases done; missing: synth_0003" in r.stdout
+    r = _cli(dataset, *args, "--shard", "2/2", "-o", str(out), check=False)
+    assert r.returncode == 2 and "--shard '2/2'" in r.stderr.strip().splitlines()[-1]
+
+
 def test_changed_preprocessed_shape_is_detected_and_redone(dataset, tmp_path):
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 

@@ -12,6 +12,7 @@ def _stub_trainer(network: torch.nn.Module, extra: torch.nn.Module) -> SemiSuper
     t.optimizer = torch.optim.SGD([{"params": list(network.parameters())}, {"params": list(extra.parameters())}],
                                   lr=1.0)
     t.grad_scaler = None
+    t.is_ddp = False  # one process (DDP adds a gradient all-reduce, tests/distributed)
     t.grad_clip_norm = 12.0
     t.global_step = 0
     t.next_unlabeled_batch = lambda: {}
