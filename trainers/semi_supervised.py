@@ -51,7 +51,7 @@ from nnunet_semisam.data.unlabeled import (ALLOW_SUBSET_ENV, UNLABELED_SUFFIX, c
                                            list_preprocessed_unlabeled)
 from nnunet_semisam.data.views import unpack_views, weak_strong_pipeline
 from nnunet_semisam.distributed import (DistributedTrainerMixin, all_gather_objects, all_reduce_gradients,
-                                        broadcast_module, per_rank_share, rank, rank_seeds, shared_random_seed, unwrap,
+                                        broadcast_module, per_rank_share, rank, rank_seeds, shared_random_seed,
                                         world_size)
 from nnunet_semisam.errors import SemiSAMError, install_one_line_errors
 from nnunet_semisam.io import atomic_path

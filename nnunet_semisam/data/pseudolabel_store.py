@@ -29,12 +29,15 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
 from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.io import atomic_path, atomic_write_json
+
+if TYPE_CHECKING:  # the generator's case type; imported for the annotation only (no cycle at run time)
+    from nnunet_semisam.teachers.pseudolabels import CaseSource
 
 PSEUDOLABEL_SUFFIX = "_pseudolabels"
 MANIFEST = "manifest.json"

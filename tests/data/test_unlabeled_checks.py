@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-from conftest import make_preprocessed_dataset, nnunet_env, run_cmd
+from conftest import make_preprocessed_dataset, run_cmd
 
 DS = "Dataset990_SynthRGB"
 
@@ -117,7 +117,7 @@ def test_manifest_tells_partial_from_complete_and_the_library_check_refuses(copy
         check_preprocessed_unlabeled(folder, plans, "2d", labeled + first[:1], allow_subset=True)
     splits = folder.parent / "splits_final.json"
     splits.write_text(json.dumps([{"train": labeled[:3] + first[:1], "val": labeled[3:]}]))
-    with pytest.raises(SemiSAMError, match=f"splits_final.json lists 1 of the unlabeled cases .* as train cases"):
+    with pytest.raises(SemiSAMError, match="splits_final.json lists 1 of the unlabeled cases .* as train cases"):
         check_preprocessed_unlabeled(folder, plans, "2d", labeled, splits_file=splits, allow_subset=True)
 
 
