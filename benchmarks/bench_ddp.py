@@ -37,16 +37,30 @@ def _env(root: Path) -> dict[str, str]:
     return env
 
 
+def _run(cmd: list[str], env: dict[str, str]) -> None:
+    """Run a step; on failure raise with the command and the last lines of its output (not a bare exit status)."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+        raise SystemExit(f"error: {' '.join(cmd[:3])} ... exited with {proc.returncode}:\n{tail}")
+
+
 def prepare(root: Path, size: int, batch: int) -> dict[str, str]:
     env = _env(root)
     pp = Path(env["nnUNet_preprocessed"]) / f"Dataset{DATASET}_DDPBench"
-    if not (pp / "nnUNetPlans_2d_unlabeled" / "manifest.json").is_file():
-        run = lambda *cmd: subprocess.run(list(cmd), env=env, check=True, capture_output=True)  # noqa: E731
-        run("nnunet-semisam", "make-synthetic", env["nnUNet_raw"], "--dataset-id", str(DATASET), "--name",
-            "DDPBench", "--kind", "2d-rgb", "--num-labeled", "8", "--num-unlabeled", "8", "--num-test", "0",
-            "--size", str(size), str(size), "--no-progress")
-        run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET), "-c", "2d", "-np", "1", "-npfp", "1")
-        run("nnunet-semisam", "preprocess-unlabeled", "-d", str(DATASET), "-c", "2d", "--quiet")
+    steps = [  # each step is skipped when its output exists, so an interrupted preparation resumes
+        (Path(env["nnUNet_raw"]) / f"Dataset{DATASET}_DDPBench" / "dataset.json",
+         ["nnunet-semisam", "make-synthetic", env["nnUNet_raw"], "--dataset-id", str(DATASET), "--name", "DDPBench",
+          "--kind", "2d-rgb", "--num-labeled", "8", "--num-unlabeled", "8", "--num-test", "0",
+          "--size", str(size), str(size), "--no-progress"]),
+        (pp / "nnUNetPlans_2d", ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET), "-c", "2d", "-np", "1",
+                                 "-npfp", "1"]),
+        (pp / "nnUNetPlans_2d_unlabeled" / "manifest.json",
+         ["nnunet-semisam", "preprocess-unlabeled", "-d", str(DATASET), "-c", "2d", "--quiet"]),
+    ]
+    for done, cmd in steps:
+        if not done.exists():
+            _run(cmd, env)
     plans_file = pp / "nnUNetPlans.json"
     plans = json.loads(plans_file.read_text())
     plans["configurations"]["2d"]["batch_size"] = batch
@@ -108,7 +122,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__,
                "--trainer", args.trainer, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--worker", str(result)]
-        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        _run(cmd, env)
         rows.append(json.loads(result.read_text()))
     load = os.getloadavg()[0]
     summary = {"trainer": args.trainer, "size": args.size, "global_batch": args.batch, "runs": rows,
