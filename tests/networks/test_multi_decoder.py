@@ -4,33 +4,14 @@ output shapes, the decoder order and what differs between decoders, one shared e
 import pytest
 import torch
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
+from conftest import tiny_configuration
 from nnunet_semisam.networks.multi_decoder import (MultiDecoderUNet, UpsampleUNetDecoder, cct_network,
                                                    mcnet_plus_network)
 from nnunet_semisam.networks.perturbations import FeatureDropout, FeatureNoise
 
 K = 3  # output channels
-
-
-def tiny_configuration(dim: int) -> ConfigurationManager:
-    """nnU-Net plans of a 3-stage PlainConvUNet (4, 8, 8 features); 3D pools only Y and X at the first stride."""
-    strides = [[1, 1], [2, 2], [2, 2]] if dim == 2 else [[1, 1, 1], [1, 2, 2], [2, 2, 2]]
-    conv = "torch.nn.modules.conv.Conv2d" if dim == 2 else "torch.nn.modules.conv.Conv3d"
-    norm = "torch.nn.modules.instancenorm.InstanceNorm2d" if dim == 2 else \
-        "torch.nn.modules.instancenorm.InstanceNorm3d"
-    return ConfigurationManager({
-        "patch_size": [16, 16] if dim == 2 else [8, 16, 16],
-        "architecture": {
-            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 8], "conv_op": conv,
-                            "kernel_sizes": [[3] * dim] * 3, "strides": strides, "n_conv_per_stage": [1, 1, 1],
-                            "n_conv_per_stage_decoder": [1, 1], "conv_bias": True, "norm_op": norm,
-                            "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
-                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-                            "nonlin_kwargs": {"inplace": True}},
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}})
 
 
 def image(dim: int, batch: int = 2) -> torch.Tensor:
