@@ -44,7 +44,7 @@ class CCTTrainer(MultiDecoderTrainerMixin, SemiSupervisedTrainer):
 
     def compute_loss_terms(self, data: torch.Tensor, target, batch_u: dict) -> LossTerms:
         n = data.shape[0]
-        logits = self.network(torch.cat([data, self.student_view(batch_u)], 0))  # [z_main, z_aux1..3]
+        logits = self.all_decoder_logits(torch.cat([data, self.student_view(batch_u)], 0))  # [main, aux 1..3]
         supervised = sum(self.loss(z[:n], target) for z in logits) / len(logits)
         probs_u = [torch.softmax(z[n:].float(), 1) for z in logits]
         return {"supervised": (1.0, supervised),

@@ -37,6 +37,14 @@ class MultiDecoderTrainerMixin:
         super().initialize()
         unwrap(self.network).train_all_decoders = True  # train-mode forward: [z_1, ..., z_M]
 
+    def all_decoder_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """`[z_1, ..., z_M]` from one train-mode forward of the network (through DDP / torch.compile wrappers)."""
+        logits = self.network(x)
+        if not isinstance(logits, (list, tuple)):
+            raise SemiSAMError(f"{self.__class__.__name__}: the network returned one output in training; it must be "
+                               "a MultiDecoderUNet in train mode with train_all_decoders set (see `initialize`)")
+        return list(logits)
+
     def preflight_checks(self) -> None:
         super().preflight_checks()
         if self.label_manager.has_regions:
@@ -67,7 +75,7 @@ class MCNetPlusTrainer(MultiDecoderTrainerMixin, SemiSupervisedTrainer):
 
     def compute_loss_terms(self, data: torch.Tensor, target, batch_u: dict) -> LossTerms:
         n = data.shape[0]
-        logits = self.network(torch.cat([data, self.student_view(batch_u)], 0))  # [z_1, z_2, z_3]
+        logits = self.all_decoder_logits(torch.cat([data, self.student_view(batch_u)], 0))  # [z_1, z_2, z_3]
         probs = [torch.softmax(z.float(), 1) for z in logits]
         supervised = mcnet_supervised_dice([p[:n] for p in probs], target, binary=self.is_3d)
         consistency = mcnet_mutual_consistency(probs, self.sharpen_temperature)

@@ -102,6 +102,16 @@ def test_predict_network_is_the_main_decoder(cls, n):
 
 
 @pytest.mark.parametrize("cls", [MCNetPlusTrainer, CCTTrainer])
+def test_a_single_output_in_training_is_an_error(cls):
+    """Without `train_all_decoders` the train-mode forward gives the main decoder only: refused, not misread."""
+    t = bare_trainer(cls, 2)
+    t.network.train_all_decoders = False
+    data, target, batch_u = batch(2)
+    with pytest.raises(SemiSAMError, match="train_all_decoders"):
+        t.compute_loss_terms(data, target, batch_u)
+
+
+@pytest.mark.parametrize("cls", [MCNetPlusTrainer, CCTTrainer])
 def test_region_based_plans_refused(cls, monkeypatch):
     from nnunet_semisam.trainers.semi_supervised import SemiSupervisedTrainer
     monkeypatch.setattr(SemiSupervisedTrainer, "preflight_checks", lambda self: None)
