@@ -156,3 +156,25 @@ def with_results(env: dict[str, str], folder: Path) -> dict[str, str]:
     """Copy of `env` with nnUNet_results set to `folder` (so trainings of different tests do not collide)."""
     folder.mkdir(parents=True, exist_ok=True)
     return {**env, "nnUNet_results": str(folder)}
+
+
+def tiny_configuration(dim: int):
+    """nnU-Net `ConfigurationManager` of a 3-stage PlainConvUNet (4, 8, 8 features; 3D pools only Y and X at the
+    first stride), for in-process network and trainer tests without a dataset."""
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    strides = [[1, 1], [2, 2], [2, 2]] if dim == 2 else [[1, 1, 1], [1, 2, 2], [2, 2, 2]]
+    conv = "torch.nn.modules.conv.Conv2d" if dim == 2 else "torch.nn.modules.conv.Conv3d"
+    norm = "torch.nn.modules.instancenorm.InstanceNorm2d" if dim == 2 else \
+        "torch.nn.modules.instancenorm.InstanceNorm3d"
+    return ConfigurationManager({
+        "patch_size": [16, 16] if dim == 2 else [8, 16, 16],
+        "architecture": {
+            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 8], "conv_op": conv,
+                            "kernel_sizes": [[3] * dim] * 3, "strides": strides, "n_conv_per_stage": [1, 1, 1],
+                            "n_conv_per_stage_decoder": [1, 1], "conv_bias": True, "norm_op": norm,
+                            "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                            "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}})

@@ -27,6 +27,9 @@ class Preset:
 
 
 KD = ("MedSAMMambaKDTrainer",)
+#: the baselines of METHODS.md §8, each compared with supervised nnU-Net (the runner adds nnUNetTrainer)
+BASELINES = ("MeanTeacherTrainer", "UAMTTrainer", "CPSTrainer", "BCPTrainer", "URPCTrainer", "MCNetPlusTrainer",
+             "CCTTrainer")
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("synthetic-2d", "2D RGB lesions, 64x64, 40 training / 20 test images (CPU-sized, seeded)", None, "2d",
@@ -47,6 +50,16 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("la-mn", "seed 004 table 1: left atrium (LA) with 4 / 8 / 16 labeled volumes", "LeftAtrium",
            "3d_fullres", ("MeanTeacherTrainer",), labeled=(4, 8, 16),
            convert_hint="nnunet-semisam convert la-h5 '2018LA_Seg_Training Set' -d ID"),
+    # issue 16: every baseline of METHODS.md section 8 against supervised nnU-Net at the same 10 % labels, 3 seeds
+    Preset("baselines-2d", "every baseline (METHODS.md §8) vs supervised at 10 % labels: 2D RGB lesions, 64x64, "
+           "40 training / 20 test images (CPU-sized, seeded)", None, "2d", BASELINES, fractions=(0.1,),
+           schedule="demo", synthetic=dict(kind="2d-rgb", num_labeled=40, num_test=20, shape=(64, 64), seed=0,
+                                           dataset_id=883, name="BenchBaselines2D")),
+    Preset("baselines-3d", "every baseline (METHODS.md §8) vs supervised at 10 % labels: 3D MRI-like lesions, "
+           "24x48x48 volumes, 40 training / 10 test (CPU-sized, seeded)", None, "3d_fullres", BASELINES,
+           fractions=(0.1,), schedule="demo", synthetic=dict(kind="3d", num_labeled=40, num_test=10,
+                                                             shape=(24, 48, 48), seed=0, dataset_id=884,
+                                                             name="BenchBaselines3D")),
 )}
 
 

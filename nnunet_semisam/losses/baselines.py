@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from nnunet_semisam.losses.primitives import _labels, dice_lin, one_hot, sharpen
+from nnunet_semisam.losses.primitives import _labels, binary_dice_loss, dice_lin, dice_sq, one_hot, sharpen
 
 
 def uamt_consistency(p_student: torch.Tensor, p_teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -67,6 +67,21 @@ def mcnet_mutual_consistency(probs_list: Sequence[torch.Tensor], temperature: fl
         for j, p_j in enumerate(probs_list):
             if i != j:
                 total = total + torch.mean((p_i - sharpen(p_j, temperature)) ** 2)
+    return total
+
+
+def mcnet_supervised_dice(probs_list: Sequence[torch.Tensor], labels: torch.Tensor, binary: bool) -> torch.Tensor:
+    """MC-Net+'s supervised term (§8.6): `Σ_i Dice(P_i, Y)` over the decoders, no CE. `binary` ([MCN] 3D):
+    `binary_dice_loss(P_i[:, c], Y == c)` averaged over the foreground classes c (the fg channel when K = 2);
+    otherwise ([MCN] 2D) `D_sq(P_i, onehot(Y))` with the factor 2. `labels` (B, 1, *spatial) or (B, *spatial)."""
+    k, spatial = probs_list[0].shape[1], probs_list[0].ndim - 2
+    y = _labels(labels, spatial)
+    total = 0.0
+    for p in probs_list:
+        if binary:
+            total = total + sum(binary_dice_loss(p[:, c], y == c) for c in range(1, k)) / (k - 1)
+        else:
+            total = total + dice_sq(p, one_hot(y, k, spatial))
     return total
 
 

@@ -9,6 +9,10 @@ dynamic_network_architectures' `UNetDecoder` (PlainConvUNet, ResidualEncoderUNet
     forward(x)     = z_0                                   (validation, nnUNetv2_predict: the main decoder only)
     forward_all(x) = [z_0, ..., z_{M-1}]                   (training)
 
+A trainer sets `train_all_decoders = True`: `forward` then returns `forward_all(x)` in train mode (and still z_0 in
+eval mode), so the training step goes through the module's own `forward` (what DDP's wrapper and torch.compile
+see). A network built by `nnUNetv2_predict` keeps the default False.
+
 `network.decoder` is the main decoder D_0, so nnU-Net's `set_deep_supervision_enabled` (which writes
 `network.decoder.deep_supervision`) keeps working; the trainers keep deep supervision off.
 
@@ -73,6 +77,8 @@ class MultiDecoderUNet(nn.Module):
         self.encoder = encoder
         self.decoders = nn.ModuleList(decoders)
         self.perturbations = nn.ModuleList(p if p is not None else nn.Identity() for p in perturbations)
+        #: train mode: `forward` returns every decoder's logits (set by the MC-Net+ / CCT trainers)
+        self.train_all_decoders = False
 
     @property
     def decoder(self) -> nn.Module:
@@ -83,8 +89,11 @@ class MultiDecoderUNet(nn.Module):
     def num_decoders(self) -> int:
         return len(self.decoders)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Main decoder logits `(B, K, *S)`: what validation and `nnUNetv2_predict` use."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Main decoder logits `(B, K, *S)`: what validation and `nnUNetv2_predict` use; `forward_all(x)` instead in
+        train mode when `train_all_decoders` is set."""
+        if self.training and self.train_all_decoders:
+            return self.forward_all(x)
         return self.decoders[0](self.encoder(x))
 
     def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:

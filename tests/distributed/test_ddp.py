@@ -25,7 +25,8 @@ HARNESS = Path(__file__).with_name("ddp_harness.py")
 STEPS = 6  # BCP switches to self-training (its EMA starts) after 25 % of the smoke schedule's 20 iterations
 #: trainer -> the extra modules it must have after the steps (all of them are compared across ranks)
 TRAINERS_2D = {"MeanTeacherTrainer_smoke": {"ema"}, "UAMTTrainer_smoke": {"ema"}, "CPSTrainer_smoke": {"network2"},
-               "BCPTrainer_smoke": {"ema"}, "URPCTrainer_smoke": set(), "MedSAMMambaKDTrainer_smoke": {"projector"}}
+               "BCPTrainer_smoke": {"ema"}, "URPCTrainer_smoke": set(), "MedSAMMambaKDTrainer_smoke": {"projector"},
+               "MCNetPlusTrainer_smoke": set(), "CCTTrainer_smoke": set()}  # decoders are part of the network
 
 
 def torchrun(nproc: int) -> list[str]:

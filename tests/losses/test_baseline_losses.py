@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from nnunet_semisam.losses.baselines import (bcp_region_loss, cct_consistency, cps_pseudo_supervision,
-                                             mcnet_mutual_consistency, uamt_consistency, urpc_loss)
+                                             mcnet_mutual_consistency, mcnet_supervised_dice, uamt_consistency,
+                                             urpc_loss)
 
 S = 1e-5
 
@@ -72,6 +73,19 @@ def test_mcnet_mutual_consistency_sharpened_targets_in_graph():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert p1.grad.abs().sum() > 0 and p2.grad.abs().sum() > 0
+
+
+def test_mcnet_supervised_dice_sum_over_decoders_binary_and_dsq():
+    y = torch.tensor([[[[1, 0]]]])  # (B, 1, 1, 2)
+    p1 = torch.tensor([[[[0.0, 1.0]], [[1.0, 0.0]]]])  # exact: fg = [1, 0]
+    p2 = torch.full((1, 2, 1, 2), 0.5)
+    # binary (3D): decoder 1 -> 0; decoder 2 -> 1 - (2*0.5 + e)/(1 + 1 + e) = 0.5
+    assert mcnet_supervised_dice([p1, p2], y, binary=True).item() == pytest.approx(0.5, abs=1e-6)
+    # D_sq (2D), per class: decoder 2 -> 1 - (2*0.5 + s)/(0.5 + 1 + s) = 1/3 for both classes; decoder 1 -> 0
+    assert mcnet_supervised_dice([p1, p2], y[:, 0], binary=False).item() == pytest.approx(1 / 3, rel=1e-4)
+    # K = 3, binary: the mean over the two foreground classes; class 2 absent and predicted 0 -> (0 + e)/(0 + e) = 1
+    p3 = torch.tensor([[[[0.0, 1.0]], [[1.0, 0.0]], [[0.0, 0.0]]]])
+    assert mcnet_supervised_dice([p3], y, binary=True).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_cct_consistency_mean_over_aux():

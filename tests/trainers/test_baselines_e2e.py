@@ -23,6 +23,8 @@ BASELINES = {
     "CPSTrainer": "cps",
     "BCPTrainer": "bcp",
     "URPCTrainer": "urpc",
+    "MCNetPlusTrainer": "mcnet_plus",
+    "CCTTrainer": "cct",
 }
 DATASETS = {"2d": ("990", "Dataset990_SynthRGB", "tiny2d", ".png"),
             "3d_fullres": ("991", "Dataset991_Synth3D", "tiny3d", ".nii.gz")}

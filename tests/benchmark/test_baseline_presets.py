@@ -1,0 +1,34 @@
+"""The `baselines-2d` / `baselines-3d` presets of `nnunet-semisam benchmark` (issue 16): every baseline of METHODS.md
+§8 against supervised nnU-Net at the same 10 % labels, 3 seeds, in 2D and 3D. Plans only (`--dry-run`); the full
+comparison is CPU-hours."""
+import importlib
+import re
+
+import pytest
+
+from nnunet_semisam.benchmark import BenchmarkOptions, run_benchmark
+from nnunet_semisam.benchmark.presets import BASELINES, get_preset
+
+MODULES = {"MeanTeacherTrainer": "mean_teacher", "UAMTTrainer": "uamt", "CPSTrainer": "cps", "BCPTrainer": "bcp",
+           "URPCTrainer": "urpc", "MCNetPlusTrainer": "mcnet_plus", "CCTTrainer": "cct"}
+
+
+def test_baselines_are_every_method_of_section_8_with_a_demo_variant():
+    assert set(BASELINES) == set(MODULES)
+    for name, module in MODULES.items():
+        assert hasattr(importlib.import_module(f"nnunet_semisam.trainers.{module}"), f"{name}_demo")
+
+
+@pytest.mark.parametrize("preset, configuration", [("baselines-2d", "2d"), ("baselines-3d", "3d_fullres")])
+def test_baseline_preset_plan(preset, configuration, tmp_path, capsys):
+    p = get_preset(preset)
+    assert p.configuration == configuration and p.fractions == (0.1,) and p.seeds == (0, 1, 2)
+    assert run_benchmark(BenchmarkOptions(out=str(tmp_path / "o"), preset=preset, dry_run=True)) == 0
+    text = capsys.readouterr().out
+    runs = re.findall(r"^\s*\d+\s+(\S+)\s+(\S+)\s+(\S+) \((\S+), fold all\)", text, flags=re.M)
+    # per seed: supervised nnU-Net then every baseline, at 10 %; then the fully labeled reference
+    expected = [(f"10pct_s{s}_{m}", f"{m}_demo") for s in (0, 1, 2) for m in ("nnUNetTrainer",) + BASELINES]
+    expected.append(("full_nnUNetTrainer", "nnUNetTrainer_demo"))
+    assert [(r[0], r[2]) for r in runs] == expected
+    assert {r[3] for r in runs} == {configuration}
+    assert not (tmp_path / "o").exists()  # a dry run generates nothing
