@@ -332,7 +332,7 @@ def test_mamba_bidirectional_nograd_token_major_matches_reference(L, monkeypatch
     with torch.no_grad():  # chunked in several chunks with padding
         from nnunet_semisam.networks.mamba import chunked as mamba_mod
 
-        b, E, r, N = 4, m.d_inner, m.dt_rank, m.d_state
+        b, E, N = 4, m.d_inner, m.d_state
         g = torch.Generator().manual_seed(1)
         delta = F.softplus(torch.randn(b, L, E, generator=g))
         u = torch.randn(b, L, E, generator=g)
