@@ -154,3 +154,20 @@ def test_dispatcher_falls_back_when_numba_does_not_import(monkeypatch):
         selective_scan_fn(**x, backend="numba")
     with pytest.raises(RuntimeError, match="needs numba"):
         numba_scan(**x)
+
+
+def test_kernel_leaves_torch_thread_count_unchanged():
+    """numba's OpenMP layer resets the process-wide thread count when it starts its pool (first call of a process);
+    the kernel restores torch's (here OMP_NUM_THREADS=1, on a machine with more cores), so torch's own ops keep
+    their threads and results (BatchNorm statistics were no longer bit-identical between two equal passes)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom nnunet_semisam.networks.mamba import selective_scan_numba\n"
+            "n = torch.get_num_threads()\n"
+            "x = [torch.randn(1, 2, 5), torch.rand(1, 2, 5), -torch.rand(2, 3), torch.randn(1, 3, 5), torch.randn(1, 3, 5)]\n"
+            "x[0].requires_grad_()\nselective_scan_numba(*x).sum().backward()\nprint(n, torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, OMP_NUM_THREADS="1"), check=True,
+                         capture_output=True, text=True).stdout.split()
+    assert out[-2:] == ["1", "1"], out

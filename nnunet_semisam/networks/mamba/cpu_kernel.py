@@ -207,9 +207,17 @@ def _bc_grad(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return g.transpose(2, 3).to(like.dtype)
 
 
-def _set_threads() -> None:
-    """Numba's worker count follows torch's (OMP_NUM_THREADS / torch.set_num_threads), capped by numba's pool."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+def _run(kernel, *args) -> None:
+    """Run a kernel with numba's worker count following torch's (OMP_NUM_THREADS / torch.set_num_threads), capped by
+    numba's pool; torch's thread count is restored afterwards, because numba's OpenMP threading layer, when it starts
+    its pool on the first call, resets the process-wide OpenMP thread count that torch uses too."""
+    n = torch.get_num_threads()
+    try:
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+        kernel(*args)
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -239,8 +247,7 @@ class SelectiveScanNumbaFn(torch.autograd.Function):
         out = torch.empty((b, d, L), dtype=f)
         last = torch.empty((b, d, N), dtype=f)
         ckpt = torch.empty((b, d, -(-L // _CKPT), N) if train else (1, 1, 1, 1), dtype=f)
-        _set_threads()
-        _fwd_kernel(_np(uf), _np(df), _np(Af), _np(Bf), _np(Cf), _np(Df), _np(zf), _np(bf), bool(delta_softplus),
+        _run(_fwd_kernel, _np(uf), _np(df), _np(Af), _np(Bf), _np(Cf), _np(Df), _np(zf), _np(bf), bool(delta_softplus),
                     z is not None, _np(out), _np(last), _np(ckpt), train)
         if train:
             ctx.save_for_backward(uf, df, Af, Bf, Cf, Df, zf, bf, ckpt)
@@ -258,14 +265,13 @@ class SelectiveScanNumbaFn(torch.autograd.Function):
         gout = gout.to(f).contiguous() if gout is not None else torch.zeros((b, d, L), dtype=f)
         has_glast = glast is not None
         glast = glast.to(f).contiguous() if has_glast else torch.zeros((1, 1, 1), dtype=f)
-        _set_threads()
         W = max(1, min(d, -(-2 * torch.get_num_threads() // b)))  # work items per batch element
         gu, gdelta = torch.empty((b, d, L), dtype=f), torch.empty((b, d, L), dtype=f)
         gz = torch.empty((b, d, L), dtype=f) if ctx.has_z else torch.zeros((1, 1, 1), dtype=f)
         gA_p, gD_p, gbias_p = torch.empty((b, d, N), dtype=f), torch.empty((b, d), dtype=f), torch.empty((b, d), dtype=f)
         gB_p = torch.zeros((b, W, *Bf.shape[1:]), dtype=f)
         gC_p = torch.zeros((b, W, *Cf.shape[1:]), dtype=f)
-        _bwd_kernel(_np(uf), _np(df), _np(Af), _np(Bf), _np(Cf), _np(Df), _np(zf), _np(bf), ctx.softplus, ctx.has_z,
+        _run(_bwd_kernel, _np(uf), _np(df), _np(Af), _np(Bf), _np(Cf), _np(Df), _np(zf), _np(bf), ctx.softplus, ctx.has_z,
                     _np(ckpt), _np(gout), _np(glast), has_glast, W, _np(gu), _np(gdelta), _np(gz), _np(gA_p),
                     _np(gD_p), _np(gbias_p), _np(gB_p), _np(gC_p))
         u, delta, A, B, C, D, z, delta_bias = ctx.like
