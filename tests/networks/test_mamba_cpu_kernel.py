@@ -123,6 +123,12 @@ def test_tiny_munet_gradients_equal_across_the_three_cpu_paths(monkeypatch):
 def test_dispatcher_picks_the_expected_backend(monkeypatch, capsys):
     x = _inputs(1, 3, 20, 4)
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "CPU_AUTO_BACKEND", "pytorch")  # the shipped default: PyTorch on CPU
+    assert scan_backend(x["u"]) == "pytorch" and mamba_backend(x["u"]) == "pure"
+    monkeypatch.setenv(dispatch.ENV_VAR, "numba")  # numba on request
+    assert scan_backend(x["u"]) == "numba" and mamba_backend(x["u"]) == "numba"
+    monkeypatch.delenv(dispatch.ENV_VAR)
+    monkeypatch.setattr(dispatch, "CPU_AUTO_BACKEND", "numba")  # numba as the CPU default
     assert scan_backend(x["u"]) == "numba" and mamba_backend(x["u"]) == "numba"
     dispatch._announce.cache_clear()
     out = selective_scan_fn(**x, delta_softplus=True)
@@ -147,6 +153,7 @@ def test_dispatcher_falls_back_when_numba_does_not_import(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "numba", None)
     monkeypatch.setattr(cpu_kernel, "NUMBA_IMPORT_ERROR", ImportError("No module named 'numba'"))
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "CPU_AUTO_BACKEND", "numba")
     x = _inputs(1, 3, 20, 4)
     assert scan_backend(x["u"]) == "pytorch" and mamba_backend(x["u"]) == "pure"
     assert torch.equal(selective_scan_fn(**x, delta_softplus=True), selective_scan_chunked(**x, delta_softplus=True))
