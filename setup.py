@@ -36,6 +36,10 @@ setup(
         "opencv-python-headless",  # LiteMedSAM's reference preprocessing (cv2.resize INTER_AREA)
         "h5py",  # LA h5 converter
         "matplotlib",
+        # the compiled CPU selective scan (METHODS.md §3.4): a wheel with LLVM inside (numba 35 MB + llvmlite 173 MB
+        # installed, against torch's 1.2 GB), no system compiler; core, because every CPU user of Tiny-MUNet
+        # trains and infers several times faster with it (the pure-PyTorch scan remains the fallback)
+        "numba>=0.59",
     ],
     extras_require={
         "cuda": ["mamba-ssm", "causal-conv1d"],

@@ -62,7 +62,9 @@ def test_2d_forward_backward_deep_supervision_and_features():
 
 def test_training_gradients_equal_with_the_autograd_scan(monkeypatch):
     """The scan's hand-written backward gives a whole Tiny-MUNet the gradients of autograd through the scan steps."""
-    from nnunet_semisam.networks import mamba
+    from nnunet_semisam.networks.mamba import chunked as mamba
+
+    monkeypatch.setenv("NNUNET_SEMISAM_SCAN_BACKEND", "pytorch")  # the pure-PyTorch scan (not the numba kernel)
 
     class AutogradScan:  # stand-in for mamba._SelectiveScanFn
         apply = staticmethod(mamba._scan_autograd)
