@@ -60,3 +60,15 @@ def phase_at(epoch: int, num_epochs: int, fractions: Sequence[float] = (0.25, 0.
     """0, 1 or 2: the phase of `epoch` (0-based)."""
     e1, e2 = phase_bounds(num_epochs, fractions)
     return 0 if epoch < e1 else (1 if epoch < e2 else 2)
+
+
+def phase_lr(epoch: int, num_epochs: int, fractions: Sequence[float] = (0.25, 0.5, 0.25), lr0: float = 2e-3,
+             lr_finetune: float = 2e-4, exponent: float = 0.9) -> float:
+    """Learning rate of `epoch` (METHODS.md §5.7): Phase 0 `lr0` constant; Phase 1 `lr0 (1 - i/n1)^0.9` with i the
+    epoch's index in the phase and n1 its length; Phase 2 the same poly from `lr_finetune`."""
+    e1, e2 = phase_bounds(num_epochs, fractions)
+    if epoch < e1:
+        return float(lr0)
+    if epoch < e2:
+        return float(lr0 * (1 - (epoch - e1) / (e2 - e1)) ** exponent)
+    return float(lr_finetune * (1 - (epoch - e2) / max(num_epochs - e2, 1)) ** exponent)

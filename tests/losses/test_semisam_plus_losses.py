@@ -40,3 +40,12 @@ def test_phase_switches():
     assert phase_bounds(10, (0, 1, 0)) == (0, 10)
     with pytest.raises(ValueError):
         phase_bounds(10, (1, 1))
+
+
+def test_phase_lr_by_hand():
+    from nnunet_semisam.losses.semisam_plus import phase_lr
+    assert [phase_lr(e, 200) for e in (0, 49)] == [2e-3, 2e-3]
+    assert phase_lr(50, 200) == pytest.approx(2e-3)
+    assert phase_lr(100, 200) == pytest.approx(2e-3 * 0.5 ** 0.9)
+    assert phase_lr(150, 200) == pytest.approx(2e-4)
+    assert phase_lr(175, 200) == pytest.approx(2e-4 * 0.5 ** 0.9)
