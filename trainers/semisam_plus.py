@@ -17,7 +17,8 @@ theta at the start of Phase 1 (§5.6). Validation, `checkpoint_best` (by the EMA
 and `nnUNetv2_predict` use the EMA: `network_weights` in every checkpoint is theta'; the student, the frozen target
 and the phase are in `semisam`, so `--c` resumes mid-phase. Optimizer AdamW (0.9, 0.999), wd 1e-4 (§5.7).
 CPU cost: `teacher_every` runs Algorithm 2 on every k-th Phase-1 step only (steps in between have no L_rs-con term;
-1 = the manual's every step), on at most `teacher_max_samples` samples of the unlabeled batch.
+1 = the manual's every step), on at most `teacher_max_samples` samples of the unlabeled batch and, with
+`teacher_slab` = k, on the k slices around M_c's largest slice (M_conf = 0 elsewhere); the defaults are the manual's.
 Offline variant: `_offline` reads Pseudo / M_conf made by `nnunet-semisam pseudolabel --aug N` instead (not yet here).
 """
 from __future__ import annotations
@@ -67,6 +68,7 @@ class SemiSAMPlusTrainer(SemiSupervisedTrainer):
         self.lambda_max, self.beta_max, self.rampup_epochs, self.rampdown_epochs = 1.0, 0.3, 10.0, 40.0
         self.n_aug, self.u_th, self.teacher_channel = 4, 0.05, 0
         self.teacher_every, self.teacher_max_samples = 1, None
+        self.teacher_slab: int | None = None  # None: the whole patch; k: the k slices around M_c's largest slice
         self.ema: EMATeacher | None = None
         self.frozen_target: EMATeacher | None = None
         self.teachers = None
@@ -162,13 +164,24 @@ class SemiSAMPlusTrainer(SemiSupervisedTrainer):
             pseudo, conf = np.zeros((m, *labels.shape[1:]), np.float32), np.zeros((m, *labels.shape[1:]), bool)
             for b in range(m):
                 mc = labels[b] == c  # Algorithm 1: M_c from the strong-view prediction (binary: p_fg > 0.5)
-                pseudo[b], conf[b] = algorithm2(self.teacher_volume(weak_np[b]), mc, self.teachers, self.rng,
-                                                n_aug=self.n_aug, u_th=self.u_th, point_mode="slicewise")
+                zs = self.slab(mc)
+                pseudo[b][zs], conf[b][zs] = algorithm2(self.teacher_volume(weak_np[b])[zs], mc[zs], self.teachers,
+                                                        self.rng, n_aug=self.n_aug, u_th=self.u_th,
+                                                        point_mode="slicewise")
                 self.pl_stats.append((float(conf[b].mean()), float(pseudo[b][conf[b]].mean()) if conf[b].any()
                                       else 0.0))
             losses.append(rs_consistency(probs[:m, c], torch.from_numpy(pseudo).to(probs.device),
                                          torch.from_numpy(conf).to(probs.device)))
         return torch.stack(losses).mean()
+
+    def slab(self, mc: np.ndarray) -> slice:
+        """Z-range the teacher sees: all slices, or `teacher_slab` slices centred on M_c's largest slice (outside
+        it M_conf = 0: no pseudo-label)."""
+        z = mc.shape[0]
+        if not self.teacher_slab or self.teacher_slab >= z:
+            return slice(0, z)
+        z0 = int(np.clip(int(mc.sum((1, 2)).argmax()) - self.teacher_slab // 2, 0, z - self.teacher_slab))
+        return slice(z0, z0 + self.teacher_slab)
 
     def after_optimizer_step(self) -> None:
         if self.phase == 0:  # theta' = theta until Phase 1 starts (§5.6)
@@ -223,7 +236,7 @@ class SemiSAMPlusTrainer(SemiSupervisedTrainer):
 
 class SemiSAMPlusTrainer_smoke(SemiSAMPlusTrainer):
     """4 epochs x 3 iterations (phases: epoch 0 / 1-2 / 3), slice size 16, one teacher call per Phase-1 epoch on one
-    sample with N = 1: the mechanics in about a minute on a CPU, for tests."""
+    sample, a 2-slice slab, N = 1: the mechanics in about a minute on a CPU, for tests."""
     sam_slice_size = 16
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -231,7 +244,11 @@ class SemiSAMPlusTrainer_smoke(SemiSAMPlusTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule(self, dict(num_epochs=4, num_iterations_per_epoch=3, num_val_iterations_per_epoch=1))
         self.rampup_epochs, self.rampdown_epochs = 1.0, 4.0
-        self.n_aug, self.teacher_every, self.teacher_max_samples = 1, 3, 1
+        self.n_aug, self.teacher_every, self.teacher_max_samples, self.teacher_slab = 1, 3, 1, 2
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.inference_allowed_mirroring_axes = None  # no test-time mirroring in the final validation: 8x fewer passes
+        super().perform_actual_validation(save_probabilities)
 
 
 class SemiSAMPlusTrainer_demo(SemiSAMPlusTrainer):
@@ -243,4 +260,4 @@ class SemiSAMPlusTrainer_demo(SemiSAMPlusTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule(self, DEMO)
         self.rampup_epochs, self.rampdown_epochs = 2.0, 8.0
-        self.n_aug, self.teacher_every, self.teacher_max_samples = 2, 5, 1
+        self.n_aug, self.teacher_every, self.teacher_max_samples, self.teacher_slab = 2, 5, 1, 4
