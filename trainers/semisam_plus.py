@@ -19,7 +19,9 @@ and the phase are in `semisam`, so `--c` resumes mid-phase. Optimizer AdamW (0.9
 CPU cost: `teacher_every` runs Algorithm 2 on every k-th Phase-1 step only (steps in between have no L_rs-con term;
 1 = the manual's every step), on at most `teacher_max_samples` samples of the unlabeled batch and, with
 `teacher_slab` = k, on the k slices around M_c's largest slice (M_conf = 0 elsewhere); the defaults are the manual's.
-Offline variant: `_offline` reads Pseudo / M_conf made by `nnunet-semisam pseudolabel --aug N` instead (not yet here).
+Offline variant (`SemiSAMPlusTrainer_offline`): Pseudo / M_conf made beforehand by `nnunet-semisam pseudolabel --aug N`
+(Algorithm 2 with prompts from a trained student) are read through the pseudo-label store and travel with each
+unlabeled patch as extra channels (`nnunet_semisam.data.soft_targets`); no teacher runs during training.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ import torch
 
 from nnunet_semisam.distributed import unwrap
 from nnunet_semisam.losses.consistency import gaussian_input_noise, softmax_mse
-from nnunet_semisam.losses.semisam_plus import (beta_rampdown, lambda_rampup, phase_at, phase_bounds, phase_lr,
-                                                rs_consistency)
+from nnunet_semisam.losses.semisam_plus import (beta_rampdown, lambda_rampup, offline_rs_consistency, phase_at,
+                                                phase_bounds, phase_lr, rs_consistency)
 from nnunet_semisam.networks.slicing_sam3d import SlicingSAM3D, litemedsam_slice_encoder
 from nnunet_semisam.teachers.algorithm2 import algorithm2
 from nnunet_semisam.teachers.ema import EMATeacher
@@ -144,12 +146,18 @@ class SemiSAMPlusTrainer(SemiSupervisedTrainer):
         t = self.epochs_in_phase1()
         terms["consistency"] = (lambda_rampup(t, self.lambda_max, self.rampup_epochs),
                                 softmax_mse(out_u, self.ema(noisy_weak)))
+        rs = self.rs_consistency_now(out_u, batch_u)
+        if rs is not None:
+            terms["rs_consistency"] = (beta_rampdown(t, self.beta_max, self.rampdown_epochs), rs)
+        return terms
+
+    def rs_consistency_now(self, logits_u: torch.Tensor, batch_u: dict) -> torch.Tensor | None:
+        """L_rs-con of this Phase-1 step, or None on steps where the teacher does not run (`teacher_every`)."""
         step_in_phase = self.global_step - phase_bounds(self.num_epochs, self.phase_fractions)[0] * \
             self.num_iterations_per_epoch
-        if step_in_phase % max(1, self.teacher_every) == 0:
-            terms["rs_consistency"] = (beta_rampdown(t, self.beta_max, self.rampdown_epochs),
-                                       self.rs_consistency_term(out_u, batch_u["weak"]))
-        return terms
+        if step_in_phase % max(1, self.teacher_every):
+            return None
+        return self.rs_consistency_term(logits_u, batch_u["weak"])
 
     def rs_consistency_term(self, logits_u: torch.Tensor, weak: torch.Tensor) -> torch.Tensor:
         """Algorithm 1 + 2 and L_rs-con (§5.3-5.5), per foreground class, averaged over the classes."""
@@ -232,6 +240,41 @@ class SemiSAMPlusTrainer(SemiSupervisedTrainer):
             self.frozen_target.model.load_state_dict(state["frozen_target"])
         self.print_to_log_file(f"Semi-SAM+ resumed in phase {state['phase']} at t_it={self.global_step}; EMA, "
                                f"student{' and frozen target' if 'frozen_target' in state else ''} restored")
+
+
+class SemiSAMPlusTrainer_offline(SemiSAMPlusTrainer):
+    """L_rs-con against the stored pseudo-labels of `nnunet-semisam pseudolabel --aug N` (same plans and
+    configuration), on every Phase-1 step; the rest is `SemiSAMPlusTrainer`."""
+
+    @property
+    def store_folder(self) -> str:
+        from nnunet_semisam.data.pseudolabel_store import pseudolabel_folder
+        return str(pseudolabel_folder(self.plans_manager.dataset_name, self.plans_manager.plans_name,
+                                      self.configuration_name))
+
+    def preflight_checks(self) -> None:
+        import os
+        from nnunet_semisam.errors import SemiSAMError
+        super().preflight_checks()
+        if not os.path.isfile(os.path.join(self.store_folder, "manifest.json")):
+            raise SemiSAMError(f"{self.store_folder} holds no pseudo-labels: run nnunet-semisam pseudolabel -d "
+                               f"{self.dataset_id} -c {self.configuration_name} -p {self.plans_manager.plans_name} "
+                               "--cases unlabeled --prompts student --aug 4 first")
+
+    def unlabeled_dataset(self, cases: list[str]):
+        from nnunet_semisam.data.soft_targets import SoftTargetDataset
+        return SoftTargetDataset(self.unlabeled_folder, cases, store_folder=self.store_folder)
+
+    def get_training_transforms(self, *args, **kwargs):
+        from nnunet_semisam.data.soft_targets import image_channels_only
+        return image_channels_only(super().get_training_transforms(*args, **kwargs), self.num_image_channels)
+
+    def rs_consistency_now(self, logits_u: torch.Tensor, batch_u: dict) -> torch.Tensor:
+        """L_rs-con against the stored Pseudo / M_conf (foreground = 1 - p_background), every Phase-1 step."""
+        p_fg = 1 - torch.softmax(logits_u.float(), 1)[:, 0]
+        loss, share = offline_rs_consistency(p_fg, batch_u["extra"])
+        self.pl_stats.append((share, 0.0))
+        return loss
 
 
 class SemiSAMPlusTrainer_smoke(SemiSAMPlusTrainer):

@@ -72,3 +72,11 @@ def phase_lr(epoch: int, num_epochs: int, fractions: Sequence[float] = (0.25, 0.
     if epoch < e2:
         return float(lr0 * (1 - (epoch - e1) / (e2 - e1)) ** exponent)
     return float(lr_finetune * (1 - (epoch - e2) / max(num_epochs - e2, 1)) ** exponent)
+
+
+def offline_rs_consistency(p_fg: torch.Tensor, extra: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """L_rs-con against stored Algorithm-2 pseudo-labels carried as extra channels `[q, conf, valid]` (B, 3, *spatial)
+    of the augmented patch (`nnunet_semisam.data.soft_targets`): Pseudo = q, M_conf = (conf > 0.5) & (valid > 0.5)
+    (the channels were interpolated by the spatial augmentation). Returns (loss, confident share of the voxels)."""
+    q, conf = extra[:, 0], (extra[:, 1] > 0.5) & (extra[:, 2] > 0.5)
+    return rs_consistency(p_fg, q, conf), float(conf.float().mean())

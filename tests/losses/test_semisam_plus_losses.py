@@ -49,3 +49,13 @@ def test_phase_lr_by_hand():
     assert phase_lr(100, 200) == pytest.approx(2e-3 * 0.5 ** 0.9)
     assert phase_lr(150, 200) == pytest.approx(2e-4)
     assert phase_lr(175, 200) == pytest.approx(2e-4 * 0.5 ** 0.9)
+
+
+def test_offline_rs_consistency_from_extra_channels():
+    from nnunet_semisam.losses.semisam_plus import offline_rs_consistency
+    p = torch.tensor([[0.9, 0.2, 0.5, 0.0]])
+    extra = torch.tensor([[[1.0, 0.0, 0.0, 1.0],     # q
+                           [1.0, 0.8, 0.4, 1.0],     # conf (soft after interpolation): > 0.5 kept
+                           [1.0, 1.0, 1.0, 0.2]]])   # valid: the last voxel is outside the image
+    loss, share = offline_rs_consistency(p, extra)
+    assert loss.item() == pytest.approx((0.1 ** 2 + 0.2 ** 2) / 2) and share == 0.5
