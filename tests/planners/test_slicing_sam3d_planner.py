@@ -31,3 +31,18 @@ def test_batch_grows_with_memory(gb):
     _, batch = size_patch_and_batch([32, 128, 128], 256, gb * GB, 2, n_voxels_dataset=1e12)
     _, smaller = size_patch_and_batch([32, 128, 128], 256, gb / 2 * GB, 2, n_voxels_dataset=1e12)
     assert batch > smaller >= 2
+
+
+def test_plan_command_on_tiny3d(tiny3d):
+    """`nnunet-semisam plan -pl SlicingSAM3DPlanner` on the session 3D dataset (16x32x32 volumes)."""
+    import json
+    from pathlib import Path
+
+    from conftest import run_cmd
+
+    out = run_cmd(["nnunet-semisam", "plan", "-d", "991", "-pl", "SlicingSAM3DPlanner"], tiny3d).stdout
+    assert "plans identifier: nnUNetPlans_SlicingSAM3D" in out
+    plans = json.loads((Path(tiny3d["nnUNet_preprocessed"]) / "Dataset991_Synth3D" /
+                        "nnUNetPlans_SlicingSAM3D.json").read_text())
+    cfg = plans["configurations"]["3d_fullres"]
+    assert cfg["patch_size"] == [16, 32, 32] and cfg["batch_size"] == 2 and cfg["sam_slice_size"] == 256
