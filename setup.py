@@ -46,10 +46,12 @@ setup(
         "medsam2": ["sam2"],
         "dicom": ["highdicom", "pydicom"],
         "lora": ["peft", "timm", "transformers"],
+        "sam-med3d": ["medim"],  # SAM-Med3D architecture for the Semi-SAM+ 3D teacher (weights from a local file)
         # every optional package that installs on a CPU machine, so that only CUDA-only tests skip
         # pytest-xdist: pytest.ini runs the suite in 2 worker processes (most tests wait on single-threaded
         # nnU-Net subprocesses, so 2 workers on 2 cores nearly halve the wall time)
-        "test": ["pytest", "pytest-xdist", "sam2", "highdicom", "pydicom", "peft", "timm", "transformers"],
+        "test": ["pytest", "pytest-xdist", "sam2", "highdicom", "pydicom", "peft", "timm", "transformers",
+                 "medim"],
     },
     entry_points={"console_scripts": ["nnunet-semisam=nnunet_semisam.cli:main"]},
 )

@@ -60,6 +60,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            fractions=(0.1,), schedule="demo", synthetic=dict(kind="3d", num_labeled=40, num_test=10,
                                                              shape=(24, 48, 48), seed=0, dataset_id=884,
                                                              name="BenchBaselines3D")),
+    Preset("synthetic-3d-semisam", "issue 17: Semi-SAM+ vs Mean Teacher 3D vs supervised nnU-Net 3D, 3D MRI-like "
+           "lesions 24x48x48, 40 training / 8 test, 10 % labels (CPU-sized, seeded; the Semi-SAM+ log has the "
+           "pseudo-labels' confident coverage per epoch)", None, "3d_fullres",
+           ("MeanTeacherTrainer", "SemiSAMPlusTrainer"), fractions=(0.1,), schedule="demo",
+           synthetic=dict(kind="3d", num_labeled=40, num_test=8, shape=(24, 48, 48), seed=0, dataset_id=883,
+                          name="BenchSynth3DSemiSAM")),
 )}
 
 

@@ -78,7 +78,7 @@ def slicewise_interior_points(mask: np.ndarray, rng: np.random.Generator) -> np.
 def algorithm2(
     image: np.ndarray,
     coarse_mask: np.ndarray,
-    teacher: PromptableTeacher,
+    teacher: PromptableTeacher | Sequence[PromptableTeacher],
     rng: np.random.Generator,
     n_aug: int = 4,
     u_th: float = 0.05,
@@ -89,10 +89,12 @@ def algorithm2(
     """Semi-SAM+ Algorithm 2 (METHODS.md §5.4) for one sample.
 
     image: (C, Z, Y, X) (or (Z, Y, X), taken as C = 1); coarse_mask: M_c (Z, Y, X) binary; n_aug: N;
+    teacher: one teacher or several (the manual's 2N / 4N masks: every teacher gets the same augmented image and
+    prompts, and the variance and the mean run over all 2N x len(teachers) masks);
     u_th: variance threshold; point_mode: "volume" (one RITM point in the 3D mask, for 3D teachers) or "slicewise"
     (one per non-empty slice, for 2D teachers applied slice by slice).
-    Returns (pseudo float32 (Z, Y, X) = mean * M_conf, conf bool (Z, Y, X)) and, if asked, the 2N inverse-mapped
-    predictions (2N, Z, Y, X). No gradient anywhere (numpy).
+    Returns (pseudo float32 (Z, Y, X) = mean * M_conf, conf bool (Z, Y, X)) and, if asked, the 2N (x teachers)
+    inverse-mapped predictions (2N, Z, Y, X). No gradient anywhere (numpy).
     """
     img = image[None] if image.ndim == 3 else image
     m = np.asarray(coarse_mask) > 0
@@ -114,9 +116,10 @@ def algorithm2(
             pts = slicewise_interior_points(m_j, rng)
         else:
             raise ValueError(f"point_mode must be 'volume' or 'slicewise', got {point_mode!r}")
-        emb = teacher.encode(img_j)
-        preds.append(t.inverse(np.asarray(teacher.decode(emb, mask=m_j), np.float32)))
-        preds.append(t.inverse(np.asarray(teacher.decode(emb, points=pts), np.float32)))
+        for one in (teacher if isinstance(teacher, (list, tuple)) else (teacher,)):
+            emb = one.encode(img_j)
+            preds.append(t.inverse(np.asarray(one.decode(emb, mask=m_j), np.float32)))
+            preds.append(t.inverse(np.asarray(one.decode(emb, points=pts), np.float32)))
     stack = np.stack(preds)
     var = stack.var(axis=0)
     conf = var < u_th

@@ -1,0 +1,306 @@
+"""Semi-SAM+ on nnU-Net (METHODS.md §5.1-5.7): Slicing-SAM3D student, foundation-model teacher, EMA, three phases.
+
+Student: `SlicingSAM3D` (§5.2; frozen LiteMedSAM TinyViT per Z-slice at side `sam_slice_size`, trainable 3D decoder),
+built from the plans in `build_network_architecture`, so `nnUNetv2_predict` rebuilds it. Per step:
+
+- Phase 0 (warm-up, first 25 % of the epochs): `L_sup` (nnU-Net DC + CE) on the labeled batch, lr 2e-3 constant.
+- Phase 1 (semi-supervised, next 50 %): `L_sup + lambda(t) L_con + beta(t) L_rs-con`. `L_con` = MSE between the
+  student's softmax on the strong view and the EMA's on the weak view + clipped noise (§5.5). Algorithm 1 (§5.3): the
+  coarse mask `M_c = p_s > 0.5` of the strong-view forward (the same forward feeds L_rs-con). Algorithm 2 (§5.4) on
+  the weak view (rule-U uint8, `teacher_channel`) with the teacher(s), N = `n_aug` lattice transforms, mask and
+  point prompts, variance filter `u_th`, giving Pseudo and M_conf; `L_rs-con` (§5.5) per foreground class.
+  t = epochs since Phase 1 began; lr 2e-3 with poly 0.9 over the phase.
+- Phase 2 (fine-tune, last 25 %): `L_sup + lambda_max L_con(theta'_frozen)` against the EMA frozen at the end of
+  Phase 1, no foundation-model call, lr 2e-4 poly.
+The EMA (alpha 0.99, over the decoder; the frozen encoder is identical) equals the student during Phase 0, so it is
+theta at the start of Phase 1 (§5.6). Validation, `checkpoint_best` (by the EMA's pseudo-Dice), `checkpoint_final`
+and `nnUNetv2_predict` use the EMA: `network_weights` in every checkpoint is theta'; the student, the frozen target
+and the phase are in `semisam`, so `--c` resumes mid-phase. Optimizer AdamW (0.9, 0.999), wd 1e-4 (§5.7).
+CPU cost: `teacher_every` runs Algorithm 2 on every k-th Phase-1 step only (steps in between have no L_rs-con term;
+1 = the manual's every step), on at most `teacher_max_samples` samples of the unlabeled batch and, with
+`teacher_slab` = k, on the k slices around M_c's largest slice (M_conf = 0 elsewhere); the defaults are the manual's.
+Offline variant (`SemiSAMPlusTrainer_offline`): Pseudo / M_conf made beforehand by `nnunet-semisam pseudolabel --aug N`
+(Algorithm 2 with prompts from a trained student) are read through the pseudo-label store and travel with each
+unlabeled patch as extra channels (`nnunet_semisam.data.soft_targets`); no teacher runs during training.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nnunet_semisam.distributed import unwrap
+from nnunet_semisam.losses.consistency import gaussian_input_noise, softmax_mse
+from nnunet_semisam.losses.semisam_plus import (beta_rampdown, lambda_rampup, offline_rs_consistency, phase_at,
+                                                phase_bounds, phase_lr, rs_consistency)
+from nnunet_semisam.networks.slicing_sam3d import SlicingSAM3D, litemedsam_slice_encoder
+from nnunet_semisam.teachers.algorithm2 import algorithm2
+from nnunet_semisam.teachers.ema import EMATeacher
+from nnunet_semisam.trainers.semi_supervised import LossTerms, SemiSupervisedTrainer, split_batch
+from nnunet_semisam.trainers.short_schedules import DEMO, apply_schedule
+
+PHASE_NAMES = ("warm-up (labeled only)", "semi-supervised", "fine-tune against the frozen EMA")
+
+
+class PhaseLR:
+    """nnU-Net's `lr_scheduler.step(epoch)` protocol over `phase_lr` (§5.7)."""
+
+    def __init__(self, trainer: "SemiSAMPlusTrainer"):
+        self.trainer = trainer
+
+    def step(self, epoch: int) -> None:
+        t = self.trainer
+        lr = phase_lr(epoch, t.num_epochs, t.phase_fractions, t.initial_lr, t.finetune_lr)
+        for group in t.optimizer.param_groups:
+            group["lr"] = lr
+
+
+class SemiSAMPlusTrainer(SemiSupervisedTrainer):
+    loss_terms = ("supervised", "consistency", "rs_consistency")
+    compile_network = False
+    compile_off_reason = "validation and checkpoints swap in the EMA decoder"
+    sam_slice_size = 64  # S of the student's encoder input; plans key `sam_slice_size` overrides (256 on a GPU)
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False  # one output (§5.5: L_sup single output)
+        self.initial_lr, self.finetune_lr, self.weight_decay = 2e-3, 2e-4, 1e-4
+        self.phase_fractions = (0.25, 0.5, 0.25)  # 50 / 100 / 50 epochs of the manual
+        self.ema_decay = 0.99
+        self.lambda_max, self.beta_max, self.rampup_epochs, self.rampdown_epochs = 1.0, 0.3, 10.0, 40.0
+        self.n_aug, self.u_th, self.teacher_channel = 4, 0.05, 0
+        self.teacher_every, self.teacher_max_samples = 1, None
+        self.teacher_slab: int | None = None  # None: the whole patch; k: the k slices around M_c's largest slice
+        self.ema: EMATeacher | None = None
+        self.frozen_target: EMATeacher | None = None
+        self.teachers = None
+        self.rng = np.random.default_rng(12345 + fold)
+        self.pl_stats: list[tuple[float, float]] = []  # per teacher call: (coverage of M_conf, mean Pseudo)
+
+    # ------------------------------------------------------------------------------------------------ network
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        """SlicingSAM3D with the LiteMedSAM TinyViT at side `sam_slice_size` (plans, else the class default)."""
+        size = int(configuration_manager.configuration.get("sam_slice_size", cls.sam_slice_size))
+        channel = int(configuration_manager.configuration.get("sam_channel", 0))
+        return SlicingSAM3D(litemedsam_slice_encoder(size), num_output_channels, size, sam_channel=channel)
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        """No deep supervision in this network."""
+
+    def initialize(self):
+        super().initialize()
+        self.ema = EMATeacher(self.network, self.ema_decay, warmup=False).to(self.device)
+        self.print_to_log_file(unwrap(self.network).parameter_report())
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(unwrap(self.network).decoder_parameters(), lr=self.initial_lr, betas=(0.9, 0.999),
+                                weight_decay=self.weight_decay)
+        return opt, PhaseLR(self)
+
+    # ------------------------------------------------------------------------------------------------ teachers
+    def build_teachers(self) -> list:
+        """The Algorithm 2 teachers (default: LiteMedSAM slice-wise, the reference 256 path, §2.8)."""
+        from nnunet_semisam.teachers.litemedsam import LiteMedSAMTeacher
+        from nnunet_semisam.teachers.slice3d import LiteMedSAMSliceTeacher
+        return [LiteMedSAMSliceTeacher(LiteMedSAMTeacher.from_package(device=self.device))]
+
+    def teacher_volume(self, x: np.ndarray) -> np.ndarray:
+        """(C, Z, Y, X) weak view -> rule-U uint8-valued float volume (Z, Y, X) of `teacher_channel` (§2.4)."""
+        from nnunet_semisam.teachers.uint8_adapter import to_uint8
+        u8 = to_uint8(x, self.configuration_manager.normalization_schemes, self.teacher_channel,
+                      self.plans_manager.plans.get("foreground_intensity_properties_per_channel"))
+        return u8.astype(np.float32) if u8.ndim == 3 else u8[..., 0].astype(np.float32)
+
+    # ------------------------------------------------------------------------------------------------ schedule
+    @property
+    def phase(self) -> int:
+        return phase_at(self.current_epoch, self.num_epochs, self.phase_fractions)
+
+    def epochs_in_phase1(self) -> float:
+        """t of §5.5: epochs (fractional) since Phase 1 began."""
+        e1, _ = phase_bounds(self.num_epochs, self.phase_fractions)
+        return (self.global_step - e1 * self.num_iterations_per_epoch) / self.num_iterations_per_epoch
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        if self.phase == 2 and self.frozen_target is None:  # theta'_frozen = the EMA at the end of Phase 1
+            self.frozen_target = EMATeacher(self.ema.model, 0.0, warmup=False).to(self.device)
+            self.print_to_log_file("Semi-SAM+: Phase 1 done; EMA frozen as the Phase-2 target")
+        self.print_to_log_file(f"Semi-SAM+ phase {self.phase}: {PHASE_NAMES[self.phase]}")
+        self.pl_stats = []
+
+    # ------------------------------------------------------------------------------------------------ losses
+    def compute_loss_terms(self, data: torch.Tensor, target, batch_u: dict) -> LossTerms:
+        phase, n = self.phase, data.shape[0]
+        if phase == 0:
+            return {"supervised": (1.0, self.loss(self.network(data), target))}
+        x_u = self.student_view(batch_u)
+        out_l, out_u = split_batch(self.network(torch.cat([data, x_u], 0)), n)
+        terms: LossTerms = {"supervised": (1.0, self.loss(out_l, target))}
+        noisy_weak = gaussian_input_noise(batch_u["weak"])
+        if phase == 2:
+            terms["consistency"] = (self.lambda_max, softmax_mse(out_u, self.frozen_target(noisy_weak)))
+            return terms
+        t = self.epochs_in_phase1()
+        terms["consistency"] = (lambda_rampup(t, self.lambda_max, self.rampup_epochs),
+                                softmax_mse(out_u, self.ema(noisy_weak)))
+        rs = self.rs_consistency_now(out_u, batch_u)
+        if rs is not None:
+            terms["rs_consistency"] = (beta_rampdown(t, self.beta_max, self.rampdown_epochs), rs)
+        return terms
+
+    def rs_consistency_now(self, logits_u: torch.Tensor, batch_u: dict) -> torch.Tensor | None:
+        """L_rs-con of this Phase-1 step, or None on steps where the teacher does not run (`teacher_every`)."""
+        step_in_phase = self.global_step - phase_bounds(self.num_epochs, self.phase_fractions)[0] * \
+            self.num_iterations_per_epoch
+        if step_in_phase % max(1, self.teacher_every):
+            return None
+        return self.rs_consistency_term(logits_u, batch_u["weak"])
+
+    def rs_consistency_term(self, logits_u: torch.Tensor, weak: torch.Tensor) -> torch.Tensor:
+        """Algorithm 1 + 2 and L_rs-con (§5.3-5.5), per foreground class, averaged over the classes."""
+        if self.teachers is None:
+            self.teachers = self.build_teachers()
+        probs = torch.softmax(logits_u.float(), 1)
+        labels = probs.detach().argmax(1).cpu().numpy()
+        m = probs.shape[0] if self.teacher_max_samples is None else min(probs.shape[0], self.teacher_max_samples)
+        weak_np = weak[:m].detach().float().cpu().numpy()
+        losses = []
+        for c in range(1, probs.shape[1]):
+            pseudo, conf = np.zeros((m, *labels.shape[1:]), np.float32), np.zeros((m, *labels.shape[1:]), bool)
+            for b in range(m):
+                mc = labels[b] == c  # Algorithm 1: M_c from the strong-view prediction (binary: p_fg > 0.5)
+                zs = self.slab(mc)
+                pseudo[b][zs], conf[b][zs] = algorithm2(self.teacher_volume(weak_np[b])[zs], mc[zs], self.teachers,
+                                                        self.rng, n_aug=self.n_aug, u_th=self.u_th,
+                                                        point_mode="slicewise")
+                self.pl_stats.append((float(conf[b].mean()), float(pseudo[b][conf[b]].mean()) if conf[b].any()
+                                      else 0.0))
+            losses.append(rs_consistency(probs[:m, c], torch.from_numpy(pseudo).to(probs.device),
+                                         torch.from_numpy(conf).to(probs.device)))
+        return torch.stack(losses).mean()
+
+    def slab(self, mc: np.ndarray) -> slice:
+        """Z-range the teacher sees: all slices, or `teacher_slab` slices centred on M_c's largest slice (outside
+        it M_conf = 0: no pseudo-label)."""
+        z = mc.shape[0]
+        if not self.teacher_slab or self.teacher_slab >= z:
+            return slice(0, z)
+        z0 = int(np.clip(int(mc.sum((1, 2)).argmax()) - self.teacher_slab // 2, 0, z - self.teacher_slab))
+        return slice(z0, z0 + self.teacher_slab)
+
+    def after_optimizer_step(self) -> None:
+        if self.phase == 0:  # theta' = theta until Phase 1 starts (§5.6)
+            self.ema.model.load_state_dict(unwrap(self.network).state_dict())
+        else:
+            self.ema.update(self.network, self.global_step)
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        if self.pl_stats:
+            cov = np.mean([s[0] for s in self.pl_stats])
+            self.print_to_log_file(f"Semi-SAM+ pseudo-labels: {len(self.pl_stats)} sample(s), confident coverage "
+                                   f"{cov:.4f}")
+
+    # ------------------------------------------------------------------------------------------------ EMA everywhere
+    def validation_step(self, batch: dict) -> dict:
+        student, self.network = self.network, self.ema.model
+        try:
+            return super().validation_step(batch)
+        finally:
+            self.network = student
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        unwrap(self.network).load_state_dict(self.ema.model.state_dict())  # the final model is theta' (§5.6)
+        super().perform_actual_validation(save_probabilities)
+
+    def save_checkpoint(self, filename: str) -> None:
+        self._student_state = {k: v.detach().cpu().clone() for k, v in unwrap(self.network).state_dict().items()}
+        student, self.network = self.network, self.ema.model
+        try:
+            super().save_checkpoint(filename)  # network_weights = theta'
+        finally:
+            self.network, self._student_state = student, None
+
+    def extra_checkpoint_state(self) -> dict:
+        state = {**super().extra_checkpoint_state(), "phase": self.phase,
+                 "student": self._student_state or unwrap(self.network).state_dict()}
+        if self.frozen_target is not None:
+            state["frozen_target"] = self.frozen_target.model.state_dict()
+        return state
+
+    def load_extra_checkpoint_state(self, state: dict) -> None:
+        super().load_extra_checkpoint_state(state)
+        self.ema.model.load_state_dict(unwrap(self.network).state_dict())  # network_weights held theta'
+        unwrap(self.network).load_state_dict(state["student"])
+        if "frozen_target" in state:
+            self.frozen_target = EMATeacher(self.ema.model, 0.0, warmup=False).to(self.device)
+            self.frozen_target.model.load_state_dict(state["frozen_target"])
+        self.print_to_log_file(f"Semi-SAM+ resumed in phase {state['phase']} at t_it={self.global_step}; EMA, "
+                               f"student{' and frozen target' if 'frozen_target' in state else ''} restored")
+
+
+class SemiSAMPlusTrainer_offline(SemiSAMPlusTrainer):
+    """L_rs-con against the stored pseudo-labels of `nnunet-semisam pseudolabel --aug N` (same plans and
+    configuration), on every Phase-1 step; the rest is `SemiSAMPlusTrainer`."""
+
+    @property
+    def store_folder(self) -> str:
+        from nnunet_semisam.data.pseudolabel_store import pseudolabel_folder
+        return str(pseudolabel_folder(self.plans_manager.dataset_name, self.plans_manager.plans_name,
+                                      self.configuration_name))
+
+    def preflight_checks(self) -> None:
+        import os
+        from nnunet_semisam.errors import SemiSAMError
+        super().preflight_checks()
+        if not os.path.isfile(os.path.join(self.store_folder, "manifest.json")):
+            raise SemiSAMError(f"{self.store_folder} holds no pseudo-labels: run nnunet-semisam pseudolabel -d "
+                               f"{self.dataset_id} -c {self.configuration_name} -p {self.plans_manager.plans_name} "
+                               "--cases unlabeled --prompts student --aug 4 first")
+
+    def unlabeled_dataset(self, cases: list[str]):
+        from nnunet_semisam.data.soft_targets import SoftTargetDataset
+        return SoftTargetDataset(self.unlabeled_folder, cases, store_folder=self.store_folder)
+
+    def get_training_transforms(self, *args, **kwargs):
+        from nnunet_semisam.data.soft_targets import image_channels_only
+        return image_channels_only(super().get_training_transforms(*args, **kwargs), self.num_image_channels)
+
+    def rs_consistency_now(self, logits_u: torch.Tensor, batch_u: dict) -> torch.Tensor:
+        """L_rs-con against the stored Pseudo / M_conf (foreground = 1 - p_background), every Phase-1 step."""
+        p_fg = 1 - torch.softmax(logits_u.float(), 1)[:, 0]
+        loss, share = offline_rs_consistency(p_fg, batch_u["extra"])
+        self.pl_stats.append((share, 0.0))
+        return loss
+
+
+class SemiSAMPlusTrainer_smoke(SemiSAMPlusTrainer):
+    """4 epochs x 3 iterations (phases: epoch 0 / 1-2 / 3), slice size 16, one teacher call per Phase-1 epoch on one
+    sample, a 2-slice slab, N = 1: the mechanics in about a minute on a CPU, for tests."""
+    sam_slice_size = 16
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule(self, dict(num_epochs=4, num_iterations_per_epoch=3, num_val_iterations_per_epoch=1))
+        self.rampup_epochs, self.rampdown_epochs = 1.0, 4.0
+        self.n_aug, self.teacher_every, self.teacher_max_samples, self.teacher_slab = 1, 3, 1, 2
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.inference_allowed_mirroring_axes = None  # no test-time mirroring in the final validation: 8x fewer passes
+        super().perform_actual_validation(save_probabilities)
+
+
+class SemiSAMPlusTrainer_demo(SemiSAMPlusTrainer):
+    """The schedule of `nnUNetTrainer_demo`, slice size 32, the teacher every 5th Phase-1 step, N = 2."""
+    sam_slice_size = 32
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule(self, DEMO)
+        self.rampup_epochs, self.rampdown_epochs = 2.0, 8.0
+        self.n_aug, self.teacher_every, self.teacher_max_samples, self.teacher_slab = 2, 5, 1, 4
