@@ -149,8 +149,16 @@ class DynamicHeadUNet(nn.Module):
         t = x[:, self.num_image_channels].flatten(1).amax(1).round().long()
         return t.clamp(1, self.num_tasks + 1)
 
-    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """nnU-Net label logits (B, K+2, *S) with each sample's prompt (validation, `nnUNetv2_predict`)."""
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None,
+                prompts: list[tuple[int, int, torch.Tensor]] | None = None):
+        """nnU-Net label logits (B, K+2, *S) with each sample's prompt (validation, `nnUNetv2_predict`).
+
+        Training (`prompts` given): one backbone pass over x, then the 2-class head logits of every
+        `(start, stop, task_ids)` prompt group on samples start:stop, as a list. Going through `forward` keeps
+        DDP's gradient synchronisation."""
+        if prompts is not None:
+            g, h0 = self.features(x)
+            return [self.head(g[a:b], h0[a:b], t) for a, b, t in prompts]
         if task_ids is None:
             task_ids = self.task_ids_from_input(x)
         g, h0 = self.features(x)
