@@ -25,6 +25,7 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from nnunet_semisam.data.merge_datasets import SIDECAR, load_sidecar
+from nnunet_semisam.distributed import per_rank_share
 from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.losses.versemi import (aggregated_target, aux_loss, context_mask, fg_prob, mix, mix_ratio,
                                            mixlab_loss, supervised_loss, synthetic_loss, unlabeled_loss)
@@ -86,9 +87,10 @@ class VerSemiTrainer(SemiSupervisedTrainer):
         missing = sorted(set(self.labeled_case_ids()) - set(self.tasks["cases"]))
         if missing:
             raise SemiSAMError(f"labeled case {missing[0]!r} has no task id in {SIDECAR}")
-        if self.configuration_manager.batch_size < 2:
-            raise SemiSAMError(f"VerSemi mixes pairs of labeled samples: the plans' batch size is "
-                               f"{self.configuration_manager.batch_size}, need at least 2")
+        if per_rank_share(self.configuration_manager.batch_size) < 2:
+            raise SemiSAMError(f"VerSemi mixes pairs of labeled samples: the plans' batch size "
+                               f"{self.configuration_manager.batch_size} leaves fewer than 2 per process, need at "
+                               f"least 2")
         if os.environ.get(TASK_ENV):
             self.print_to_log_file(f"{TASK_ENV}={os.environ[TASK_ENV]}: validation prompts that task")
 

@@ -24,6 +24,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
+    q = sub.add_parser(
+        "versemi-inputs",
+        help="new images of one task -> inputs of a merged dataset's VerSemi model (normalised + task channel)",
+        description="Normalise new images (source format, CASE_XXXX<ending>) as merge-datasets normalised their "
+                    "task's source and add the task channel, so that nnUNetv2_predict -d MERGED -tr VerSemiTrainer "
+                    "prompts them with TASK. Example: nnunet-semisam versemi-inputs -d 20 --task 2 -i new -o new_in",
+    )
+    q.add_argument("-d", "--dataset", required=True, help="the merged dataset (id or name)")
+    q.add_argument("--task", type=int, required=True, help="task id of the images (1..K)")
+    q.add_argument("-i", "--input", required=True, help="folder of new images in the task source's format")
+    q.add_argument("-o", "--output", required=True, help="folder for the model inputs (NIfTI)")
+    q.set_defaults(func=run_inputs)
+
 
 def run(args: argparse.Namespace) -> int:
     from nnunet_semisam.data.merge_datasets import merge_datasets
@@ -31,4 +44,12 @@ def run(args: argparse.Namespace) -> int:
     folder = merge_datasets(args.datasets, args.output_id, args.name, prefix_cases=args.prefix_cases,
                             overwrite=args.overwrite, progress=not args.no_progress)
     print(folder)
+    return 0
+
+
+def run_inputs(args: argparse.Namespace) -> int:
+    from nnunet_semisam.data.merge_datasets import prepare_images
+
+    ids = prepare_images(args.dataset, args.task, args.input, args.output)
+    print(f"{len(ids)} case(s) -> {args.output}")
     return 0

@@ -284,3 +284,33 @@ def merge_datasets(sources: Sequence[int | str], out_id: int, name: str, prefix_
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def prepare_images(merged: int | str, task: int, images: str | os.PathLike, out: str | os.PathLike) -> list[str]:
+    """New images of task `task` -> inputs of the merged dataset's model, in `out`: each case's channels normalised
+    as `merge-datasets` normalised its source (scheme and CT statistics from `versemi_tasks.json`) plus the constant
+    task channel, as NIfTI. `images` holds `CASE_XXXX<ending>` files in the source's format. Returns the case ids."""
+    from nnunet_semisam.data.nnunet_paths import raw_dataset_folder
+
+    folder = raw_dataset_folder(merged)
+    side = load_sidecar(folder)
+    if str(task) not in side["tasks"]:
+        raise SemiSAMError(f"task {task} is not a task of {folder.name} (tasks 1..{side['num_tasks']})")
+    info = side["tasks"][str(task)]
+    src = _Source(info["source"], int(task))
+    ids = sorted(raw_case_ids(images, src.ending))
+    if not ids:
+        raise SemiSAMError(f"{images} holds no CASE_XXXX{src.ending} image")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = info.get("ct_statistics") or {}
+    for case in ids:
+        files = [str(Path(images) / f"{case}_{i:04d}{src.ending}") for i in range(src.n_files)]
+        data, props = read_case(case, files, src.reader)
+        is2d = float(props["spacing"][0]) == 999
+        for i in range(data.shape[0]):
+            _write_nifti(out / f"{case}_{i:04d}{FILE_ENDING}",
+                         normalise_channel(data[i], info["normalisation"][i], stats.get(str(i))), props, is2d)
+        _write_nifti(out / f"{case}_{side['task_channel']:04d}{FILE_ENDING}",
+                     np.full(data.shape[1:], float(task), np.float32), props, is2d)
+    return ids

@@ -120,3 +120,23 @@ def test_bad_inputs_one_line_errors(raw_env):
     proc = run_cmd(["nnunet-semisam", "merge-datasets", "-d", "41", "42", "-o", "51", "--name", "Dup"],
                    nnunet_env(raw.parent), check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: case name")
+
+
+def test_versemi_inputs_match_the_merged_test_images(raw_env, tmp_path):
+    raw = Path(raw_env["nnUNet_raw"])
+    make_merged_sources(raw, (61, 62), ("3d", "3d"), (8, 16, 16), num_labeled=2, num_unlabeled=0, num_test=1)
+    dj_path = raw / "Dataset062_Src62" / "dataset.json"
+    dj = json.loads(dj_path.read_text())
+    dj["channel_names"] = {"0": "CT"}
+    dj_path.write_text(json.dumps(dj))
+    out = merge_datasets([61, 62], 60, "Two", prefix_cases=True)
+    proc = run_cmd(["nnunet-semisam", "versemi-inputs", "-d", "60", "--task", "2", "-i",
+                    str(raw / "Dataset062_Src62" / "imagesTs"), "-o", str(tmp_path / "inputs")],
+                   nnunet_env(raw.parent))
+    assert "1 case(s)" in proc.stdout
+    for c in (0, 1):
+        np.testing.assert_array_equal(read(tmp_path / "inputs" / f"synth_0002_{c:04d}.nii.gz"),
+                                      read(out / "imagesTs" / f"t2_synth_0002_{c:04d}.nii.gz"))
+    proc = run_cmd(["nnunet-semisam", "versemi-inputs", "-d", "60", "--task", "3", "-i", str(tmp_path), "-o",
+                    str(tmp_path / "x")], nnunet_env(raw.parent), check=False)
+    assert proc.returncode == 2 and "task 3 is not a task of Dataset060_Two" in proc.stderr
