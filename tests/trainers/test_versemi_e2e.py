@@ -72,3 +72,11 @@ def test_train_resume_predict_per_task(versemi3d, tmp_path):
     scores = per_task_scores(json.loads((pred / "metrics.json").read_text()), sidecar)
     assert sorted(scores) == [1, 2, 3]
     assert all(s["n"] == 1 and 0.0 <= s["dice"] <= 1.0 for s in scores.values())
+
+
+def test_not_a_merged_dataset_is_a_one_line_error(tiny3d, tmp_path):
+    env = with_results(tiny3d, tmp_path / "results")
+    proc = run_cmd(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"], env, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "versemi_tasks.json does not exist" in last and "merge-datasets" in last
