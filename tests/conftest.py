@@ -178,3 +178,25 @@ def tiny_configuration(dim: int):
                             "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
                             "nonlin_kwargs": {"inplace": True}},
             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}})
+def make_merged_sources(raw: str | Path, ids: Sequence[int], kinds: Sequence[str], shape, num_labeled: int = 4,
+                        num_unlabeled: int = 2, num_test: int = 1) -> None:
+    """Synthetic source datasets for `merge-datasets` (different seeds, so the tasks differ)."""
+    from nnunet_semisam.data.synthetic import make_synthetic_dataset
+
+    for i, (dataset_id, kind) in enumerate(zip(ids, kinds)):
+        make_synthetic_dataset(raw, dataset_id, kind=kind, num_labeled=num_labeled, num_unlabeled=num_unlabeled,
+                               num_test=num_test, shape=shape, seed=100 + i, name=f"Src{dataset_id}", progress=False)
+
+
+@pytest.fixture(scope="session")
+def versemi3d(tmp_path_factory) -> dict[str, str]:
+    """Session-wide merged 3-task 3D dataset 920 (`nnunet-semisam merge-datasets -d 921 922 923 -o 920 --name
+    VerSemi3D --prefix-cases`; each source 4 labeled, 2 unlabeled, 1 test volume of 16x32x32), planned and
+    preprocessed `3d_fullres`, unlabeled preprocessed. Train with `with_results`."""
+    env = nnunet_env(tmp_path_factory.mktemp("versemi3d"))
+    make_merged_sources(env["nnUNet_raw"], (921, 922, 923), ("3d",) * 3, (16, 32, 32))
+    run_cmd(["nnunet-semisam", "merge-datasets", "-d", "921", "922", "923", "-o", "920", "--name", "VerSemi3D",
+             "--prefix-cases", "--no-progress"], env)
+    run_cmd(["nnUNetv2_plan_and_preprocess", "-d", "920", "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
+    run_cmd(["nnunet-semisam", "preprocess-unlabeled", "-d", "920", "-c", "3d_fullres", "--quiet"], env)
+    return env

@@ -85,7 +85,7 @@ def _finish_quietly(loader) -> None:
 
 #: concrete trainers named when the abstract base is asked for
 CONCRETE_TRAINERS = ("MeanTeacherTrainer", "MedSAMMambaKDTrainer", "UAMTTrainer", "CPSTrainer", "BCPTrainer",
-                     "URPCTrainer", "MCNetPlusTrainer", "CCTTrainer", "SemiSAMPlusTrainer")
+                     "URPCTrainer", "MCNetPlusTrainer", "CCTTrainer", "SemiSAMPlusTrainer", "VerSemiTrainer")
 
 
 class SemiSupervisedTrainer(DistributedTrainerMixin, nnUNetTrainer):

@@ -29,6 +29,7 @@ VERB_MODULES = (
     "nnunet_semisam.cli.export",
     "nnunet_semisam.cli.refine",
     "nnunet_semisam.cli.train",
+    "nnunet_semisam.cli.merge_datasets",
 )
 
 
