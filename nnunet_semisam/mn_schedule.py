@@ -119,11 +119,11 @@ def batch_split(t_it: int, lr0: float, batch_size: int, lengths: StageLengths) -
     return batch_size - b_u, b_u
 
 
-def refreshes_due(t_it: int, lengths: StageLengths) -> int:
+def refreshes_due(t_it: int, lengths: StageLengths, fractions=REFRESH_FRACTIONS) -> int:
     """How many of g's pseudo-mask refreshes are due by iteration t_it (0 in stage 1, >= 1 from stage 2 on): the
     refresh points are fractions of stage 2 measured in f's own epochs (the f-epoch that reaches one refreshes)."""
     pos = position(t_it, lengths)
     if pos.stage == 1:
         return 0
     progress = pos.epoch_f / max(1, lengths.stage2_f)
-    return sum(1 for fr in REFRESH_FRACTIONS if progress >= fr - 1e-12)
+    return sum(1 for fr in fractions if progress >= fr - 1e-12)
