@@ -85,7 +85,8 @@ def _finish_quietly(loader) -> None:
 
 #: concrete trainers named when the abstract base is asked for
 CONCRETE_TRAINERS = ("MeanTeacherTrainer", "MedSAMMambaKDTrainer", "UAMTTrainer", "CPSTrainer", "BCPTrainer",
-                     "URPCTrainer", "MCNetPlusTrainer", "CCTTrainer", "SemiSAMPlusTrainer", "VerSemiTrainer")
+                     "URPCTrainer", "MCNetPlusTrainer", "CCTTrainer", "SemiSAMPlusTrainer", "VerSemiTrainer",
+                     "MNCoTrainer")
 
 
 class SemiSupervisedTrainer(DistributedTrainerMixin, nnUNetTrainer):
@@ -99,6 +100,10 @@ class SemiSupervisedTrainer(DistributedTrainerMixin, nnUNetTrainer):
     #: `compile_off_reason` in the log (methods that call into the network's internals or hook its modules)
     compile_network: bool | None = None
     compile_off_reason = ""
+    #: unlabeled crops: the loader class and its `oversample_foreground_percent` (uniform crops by default; M&N biases
+    #: them towards the foreground of g's pseudo-masks, `nnunet_semisam.data.pseudo_mask_crops`)
+    unlabeled_loader_class = nnUNetDataLoader
+    unlabeled_foreground_percent = 0.0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -329,8 +334,10 @@ class SemiSupervisedTrainer(DistributedTrainerMixin, nnUNetTrainer):
         _, _, initial_patch_size, _ = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         transforms = self.unlabeled_transforms()
         batch_size = self.unlabeled_batch_size_per_rank
-        loader = nnUNetDataLoader(self.unlabeled_dataset(cases), batch_size, initial_patch_size, patch_size,
-                                  self.label_manager, oversample_foreground_percent=0.0, transforms=transforms)
+        loader = self.unlabeled_loader_class(self.unlabeled_dataset(cases), batch_size, initial_patch_size, patch_size,
+                                             self.label_manager,
+                                             oversample_foreground_percent=self.unlabeled_foreground_percent,
+                                             transforms=transforms)
         loader.has_ignore = False  # uniform random crops; unlabeled cases carry no class locations
         n_proc = get_allowed_n_proc_DA()
         base_seed = shared_random_seed()

@@ -48,7 +48,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "BrainTumour2D", "2d", KD, fractions=(0.1, 0.2),
            convert_hint="nnunet-semisam convert msd-brats2d Task01_BrainTumour -d ID"),
     Preset("la-mn", "seed 004 table 1: left atrium (LA) with 4 / 8 / 16 labeled volumes", "LeftAtrium",
-           "3d_fullres", ("MeanTeacherTrainer",), labeled=(4, 8, 16),
+           "3d_fullres", ("MeanTeacherTrainer", "MNCoTrainer"), labeled=(4, 8, 16),
            convert_hint="nnunet-semisam convert la-h5 '2018LA_Seg_Training Set' -d ID"),
     # issue 16: every baseline of METHODS.md section 8 against supervised nnU-Net at the same 10 % labels, 3 seeds
     Preset("baselines-2d", "every baseline (METHODS.md §8) vs supervised at 10 % labels: 2D RGB lesions, 64x64, "
@@ -64,8 +64,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "lesions 24x48x48, 40 training / 8 test, 10 % labels (CPU-sized, seeded; the Semi-SAM+ log has the "
            "pseudo-labels' confident coverage per epoch)", None, "3d_fullres",
            ("MeanTeacherTrainer", "SemiSAMPlusTrainer"), fractions=(0.1,), schedule="demo",
-           synthetic=dict(kind="3d", num_labeled=40, num_test=8, shape=(24, 48, 48), seed=0, dataset_id=883,
+           synthetic=dict(kind="3d", num_labeled=40, num_test=8, shape=(24, 48, 48), seed=0, dataset_id=885,
                           name="BenchSynth3DSemiSAM")),
+    Preset("synthetic-3d-mn", "seed 004's LA protocol on synthetic 3D volumes: 4 and 8 labeled of 16, MNCoTrainer "
+           "(TinyViT f) vs nnU-Net 3D vs Mean Teacher 3D, 3 seeds (CPU-hours; demo schedule)", None, "3d_fullres",
+           ("MeanTeacherTrainer", "MNCoTrainer"), labeled=(4, 8), schedule="demo",
+           synthetic=dict(kind="3d", num_labeled=16, num_test=6, shape=(24, 48, 48), seed=0, dataset_id=886,
+                          name="BenchSynth3DMN")),
 )}
 
 

@@ -241,3 +241,13 @@ def test_synthetic_preset_dry_run_generates_nothing(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Dataset900_BenchSynth3D_4lab_s0" in text and "3d_fullres" in text and "full_nnUNetTrainer" in text
     assert not (tmp_path / "o").exists()
+
+
+def test_mn_synthetic_preset_dry_run(tmp_path, capsys):
+    """seed 004's LA protocol on synthetic volumes: MN vs nnU-Net 3D vs Mean Teacher 3D at 4 and 8 labels, 3 seeds."""
+    assert run_benchmark(BenchmarkOptions(out=str(tmp_path / "o"), preset="synthetic-3d-mn", dry_run=True)) == 0
+    text = capsys.readouterr().out
+    for run in ("4lab_s0_MNCoTrainer", "8lab_s2_MNCoTrainer", "8lab_s2_MeanTeacherTrainer", "4lab_s1_nnUNetTrainer"):
+        assert run in text, run
+    assert "MNCoTrainer_demo (3d_fullres" in text
+    assert not (tmp_path / "o").exists()
