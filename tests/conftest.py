@@ -135,6 +135,46 @@ def make_preprocessed_dataset(root: Path, dataset_id: int, kind: str = "2d-rgb",
     return env
 
 
+#: volume shape of the session 3D datasets: the smallest for which nnU-Net still plans 3 stages (12x24x24 trains a
+#: 3D smoke schedule in about half the time of 16x32x32)
+TINY3D_SHAPE = (12, 24, 24)
+
+#: test modules (or module::Class scopes) that run nnU-Net trainings in subprocesses, slowest first, from the
+#: `--durations` report on a quiet 2-core machine. pytest-xdist (`--dist loadscope`) hands scopes to its workers in
+#: collection order, so starting the longest ones first keeps both workers busy until the end (longest processing
+#: time first) instead of leaving one worker alone with a 10-minute module.
+SLOWEST_FIRST = (
+    "trainers/test_baselines_e2e.py::TestBaselines3D",
+    "trainers/test_baselines_e2e.py::TestBaselines2D",
+    "trainers/test_medsam_mamba_kd_e2e.py",
+    "benchmark/test_benchmark_e2e.py",
+    "distributed/test_ddp.py",
+    "cli/test_demo.py",
+    "trainers/test_mean_teacher_e2e.py",
+    "trainers/test_mn_cotrain_e2e.py",
+    "trainers/test_versemi_e2e.py",
+    "trainers/test_semisam_plus_e2e.py",
+    "trainers/test_uamt_cps.py",
+    "planners/test_tiny_munet_planner.py",
+    "trainers/test_bcp.py",
+    "trainers/test_trainer_errors.py",
+    "teachers/test_pseudolabel_cli.py",
+    "trainers/test_tiny_munet_trainer.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the scopes of `SLOWEST_FIRST` first, in that order; every other test keeps its place after them."""
+    def rank(item) -> int:
+        node = item.nodeid.removeprefix("tests/")
+        for i, prefix in enumerate(SLOWEST_FIRST):
+            if node.startswith(prefix + "::") or node == prefix:
+                return i
+        return len(SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside a scope is unchanged
+
+
 @pytest.fixture(scope="session")
 def tiny2d(tmp_path_factory) -> dict[str, str]:
     """Session-wide preprocessed 2D RGB dataset 990 (6 labeled, 6 unlabeled, 2 test, 64x64), unlabeled preprocessed.
@@ -147,9 +187,10 @@ def tiny2d(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny3d(tmp_path_factory) -> dict[str, str]:
     """Session-wide preprocessed 3D dataset 991 (`3d` synthetic kind, 3 MRI-like channels; 6 labeled, 4 unlabeled,
-    2 test volumes of 16x32x32), `3d_fullres` only, unlabeled preprocessed. Train with `with_results`."""
+    2 test volumes of 12x24x24, planned as a 3-stage PlainConvUNet), `3d_fullres` only, unlabeled preprocessed. Train
+    with `with_results`."""
     return make_preprocessed_dataset(tmp_path_factory.mktemp("tiny3d"), 991, kind="3d", num_labeled=6,
-                                     num_unlabeled=4, num_test=2, shape=(16, 32, 32), configuration="3d_fullres")
+                                     num_unlabeled=4, num_test=2, shape=TINY3D_SHAPE, configuration="3d_fullres")
 
 
 def with_results(env: dict[str, str], folder: Path) -> dict[str, str]:
@@ -194,7 +235,7 @@ def versemi3d(tmp_path_factory) -> dict[str, str]:
     VerSemi3D --prefix-cases`; each source 4 labeled, 2 unlabeled, 1 test volume of 16x32x32), planned and
     preprocessed `3d_fullres`, unlabeled preprocessed. Train with `with_results`."""
     env = nnunet_env(tmp_path_factory.mktemp("versemi3d"))
-    make_merged_sources(env["nnUNet_raw"], (921, 922, 923), ("3d",) * 3, (16, 32, 32))
+    make_merged_sources(env["nnUNet_raw"], (921, 922, 923), ("3d",) * 3, TINY3D_SHAPE)
     run_cmd(["nnunet-semisam", "merge-datasets", "-d", "921", "922", "923", "-o", "920", "--name", "VerSemi3D",
              "--prefix-cases", "--no-progress"], env)
     run_cmd(["nnUNetv2_plan_and_preprocess", "-d", "920", "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)

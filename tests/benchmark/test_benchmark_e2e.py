@@ -35,7 +35,7 @@ def _final(out: Path, run_id: str) -> Path:
 
 def _digest(plans_file: Path) -> str:
     """Plans content without dataset_name (the only key nnU-Net's plan-transfer tool changes), recomputed here."""
-    plans = json.loads(plans_file.read_text())
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
     plans.pop("dataset_name")
     return hashlib.sha256(json.dumps(plans, sort_keys=True).encode()).hexdigest()
 
@@ -83,17 +83,17 @@ def test_killed_benchmark_resumes_without_retraining_finished_runs(bench):
     assert "3 of 4 run(s) done, 1 failed" in second.stdout
     # the run finished before the kill was skipped, not retrained
     assert _final(out, RUNS[0]).stat().st_mtime_ns == bench["mtime_before"]
-    log0 = (out / "runs" / RUNS[0] / "run.log").read_text()
+    log0 = (out / "runs" / RUNS[0] / "run.log").read_text(encoding="utf-8")
     assert log0.count("$ nnUNetv2_train") == 1 and log0.count("$ nnUNetv2_predict") == 1
     # the killed run continued from its checkpoint with --c
-    log1 = (out / "runs" / RUNS[1] / "run.log").read_text()
+    log1 = (out / "runs" / RUNS[1] / "run.log").read_text(encoding="utf-8")
     trains = [ln for ln in log1.splitlines() if ln.startswith("$ nnUNetv2_train")]
     assert len(trains) == 2 and not trains[0].endswith("--c") and trains[1].endswith("--c")
-    rec = json.loads((out / "runs" / RUNS[1] / "run.json").read_text())
+    rec = json.loads((out / "runs" / RUNS[1] / "run.json").read_text(encoding="utf-8"))
     assert rec["status"] == "done" and [a.get("resumed") for a in rec["attempts"]] == [None, True]
     assert len(list(_final(out, RUNS[1]).parent.glob("training_log_*.txt"))) == 2
     for r in RUNS[2:]:  # not started before the kill: one training each
-        assert (out / "runs" / r / "run.log").read_text().count("$ nnUNetv2_train") == 1
+        assert (out / "runs" / r / "run.log").read_text(encoding="utf-8").count("$ nnUNetv2_train") == 1
 
 
 def test_failed_runs_are_reported_not_dropped(bench):
@@ -107,10 +107,10 @@ def test_failed_runs_are_reported_not_dropped(bench):
     summary = {(s["method"], s["protocol"]): s for s in csv.DictReader(open(out / "summary.csv"))}
     mt = summary[("MeanTeacherTrainer", "3 labeled")]
     assert (mt["n_runs"], mt["n_done"], mt["n_failed"], mt["dice_mean"], mt["wilcoxon_p"]) == ("1", "0", "1", "", "")
-    md = (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text(encoding="utf-8")
     mt_row = next(ln for ln in md.splitlines() if ln.startswith("| MeanTeacherTrainer |"))
     assert mt_row.count("1 failed") == 1 and "needs unlabeled cases" in md
-    prov = json.loads((out / "provenance.json").read_text())
+    prov = json.loads((out / "provenance.json").read_text(encoding="utf-8"))
     assert {k: v["status"] for k, v in prov["runs"].items()} == {r: ("failed" if r in FAILED else "done")
                                                                    for r in RUNS}
 
@@ -156,11 +156,11 @@ def test_every_protocol_uses_the_same_plans(bench):
     derived = sorted(p for p in (out / "nnUNet_preprocessed").iterdir() if p.name.startswith("Dataset90"))
     assert [p.name for p in derived] == ["Dataset900_SynthRGB_25pct_s0", "Dataset901_SynthRGB_3lab_s0"]
     for d in derived:
-        plans = json.loads((d / "nnUNetPlans.json").read_text())
+        plans = json.loads((d / "nnUNetPlans.json").read_text(encoding="utf-8"))
         assert plans["dataset_name"] == d.name and _digest(d / "nnUNetPlans.json") == _digest(src_plans)
-        split = json.loads((out / "nnUNet_raw" / d.name / "split_labels.json").read_text())
+        split = json.loads((out / "nnUNet_raw" / d.name / "split_labels.json").read_text(encoding="utf-8"))
         assert split["request"]["seed"] == 0
-    prov = json.loads((out / "provenance.json").read_text())
+    prov = json.loads((out / "provenance.json").read_text(encoding="utf-8"))
     assert prov["plans_sha256"] == hashlib.sha256(src_plans.read_bytes()).hexdigest()
     assert prov["plans_digest"] == _digest(src_plans)
     for r in DONE:  # the plans each trained model carries
@@ -177,7 +177,7 @@ def test_emit_slurm_script_runs_the_resumable_command(bench, tmp_path):
     script = tmp_path / "bench.sbatch"
     cmd = bench["cmd"]
     run_cmd([*cmd, "--emit-slurm", str(script)], env)
-    text = script.read_text()
+    text = script.read_text(encoding="utf-8")
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert "#SBATCH --array=0-3" in text
     lines = [ln for ln in text.splitlines() if ln.startswith("nnunet-semisam benchmark")]

@@ -34,7 +34,7 @@ def test_batch_grows_with_memory(gb):
 
 
 def test_plan_command_on_tiny3d(tiny3d):
-    """`nnunet-semisam plan -pl SlicingSAM3DPlanner` on the session 3D dataset (16x32x32 volumes)."""
+    """`nnunet-semisam plan -pl SlicingSAM3DPlanner` on the session 3D dataset (12x24x24 volumes)."""
     import json
     from pathlib import Path
 
@@ -45,4 +45,4 @@ def test_plan_command_on_tiny3d(tiny3d):
     plans = json.loads((Path(tiny3d["nnUNet_preprocessed"]) / "Dataset991_Synth3D" /
                         "nnUNetPlans_SlicingSAM3D.json").read_text())
     cfg = plans["configurations"]["3d_fullres"]
-    assert cfg["patch_size"] == [16, 32, 32] and cfg["batch_size"] == 2 and cfg["sam_slice_size"] == 256
+    assert cfg["patch_size"] == [12, 24, 24] and cfg["batch_size"] == 2 and cfg["sam_slice_size"] == 256
