@@ -22,7 +22,8 @@ model teacher on the labeled cases and the dataset's `imagesUnlabeled/`:
   sample as a channel and feeds the FBVM valid mask and the teacher input (§2.4 correction).
 - Closed loop (§4.5, `teachers.closed_loop`): GT-box targets for the labeled cases at start; at joint epochs
   `pl_start`, then every `pl_every`, the student's sliding-window foreground gives boxes and the teacher re-segments
-  every unlabeled case from cached embeddings (reference path only).
+  every unlabeled case from cached embeddings (reference path only); with `student_box_refine` > 0 (`_boxRefine`),
+  box sides that cut through the teacher's mask grow for that many rounds first (`teachers.box_refine`).
 - Optimisation (§4.6): SGD (momentum 0.99, nesterov, wd 3e-5, none for A_log/D) over student and projectors, 100
   epochs, B_l = B_u = the plans' batch size, nnU-Net's lr 1e-2 + poly (the paper's 1e-3 + cosine is `_paperOptim`).
 
@@ -91,6 +92,7 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
         self.init_epochs = 0  # labeled-only warm-up (§4.5, Table 6)
         self.pl_start = 10  # first refresh, in joint epochs (§4.5)
         self.pl_every = 10
+        self.student_box_refine = 0  # rounds of growing student boxes that cut the teacher's mask (§4.5)
         self.teacher_spec: str | None = None  # None: $SEMISAM_TEACHER, default LiteMedSAM (teachers.factory)
         self.teacher_weights = "medsam"  # medsam (the spec above) | sam ($SEMISAM_SAM_CHECKPOINT, §4.7)
         self.teacher_channel = 0  # non-RGB data: the channel the teacher sees (§2.4)
@@ -223,7 +225,7 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
         self.targets = ClosedLoopTargets(
             self.teacher, self.targets_root, self.configuration_manager.normalization_schemes,
             self.plans_manager.foreground_intensity_properties_per_channel, self.teacher_channel,
-            log=self.print_to_log_file)
+            log=self.print_to_log_file, box_refine_rounds=self.student_box_refine)
         tr_keys, _ = self.do_split()
         if self.polarity is None:
             self.polarity = [float(s) for s in estimate_polarity(

@@ -145,6 +145,15 @@ class MedSAMMambaKDTrainer_init40(MedSAMMambaKDTrainer):
         self.init_epochs = 40
 
 
+class MedSAMMambaKDTrainer_boxRefine(MedSAMMambaKDTrainer):
+    """Closed loop with box refinement: student box sides that cut the teacher's mask grow, 3 rounds (§4.5)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.student_box_refine = 3
+
+
 # ---------------------------------------------------------------------------------------------------- short runs
 
 class MedSAMMambaKDTrainer_smoke(MedSAMMambaKDTrainer):
@@ -260,3 +269,21 @@ class MedSAMMambaKDTrainer_noFBVM_bench(MedSAMMambaKDTrainer_bench):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.use_fbvm = False
+
+
+class MedSAMMambaKDTrainer_boxRefine_demo(MedSAMMambaKDTrainer_demo):
+    """Box refinement (§4.5) on the demo schedule (benchmarks/bench_medsam_mamba_kd.py)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.student_box_refine = 3
+
+
+class MedSAMMambaKDTrainer_boxRefine_bench(MedSAMMambaKDTrainer_bench):
+    """Box refinement (§4.5) on the benchmark schedule."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.student_box_refine = 3

@@ -61,6 +61,7 @@ class PseudoLabelParams:
     teacher_channel: int = 0
     seed: int = 0
     medsam2_image_size: int = 0             # S of the MedSAM2 teacher (0 for MedSAM)
+    box_refine_rounds: int = 0              # plain path: rounds of growing box sides that cut the mask (§4.5)
     extra: dict = field(default_factory=dict)
 
     def sha1(self) -> str:

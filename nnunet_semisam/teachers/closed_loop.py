@@ -131,6 +131,8 @@ class ClosedLoopTargets:
         normalization_schemes, intensity_properties: the plans configuration's, for rule U (METHODS.md §2.4).
         teacher_channel: channel the teacher sees for non-RGB data.
         box_min_area / max_boxes: §2.3 for student boxes (labeled GT boxes use `box_min_area = 1`, §4.5).
+        box_refine_rounds: student boxes whose sides cut through the teacher's mask grow for up to this many rounds
+            (`teachers.box_refine`, §4.5); 0 keeps the student's tight boxes. GT boxes are never grown.
         workers: threads for MedSAM's preprocessing of upcoming cases (default: the CPU cores, at most 8; the
             training loop waits for a refresh, so its cores are free).
         progress: tqdm bars on stderr (command-line use).
@@ -142,7 +144,7 @@ class ClosedLoopTargets:
     def __init__(self, teacher, root: str | os.PathLike, normalization_schemes: Sequence[str],
                  intensity_properties: dict | None = None, teacher_channel: int = 0, box_min_area: int = 10,
                  max_boxes: int = 5, progress: bool = False, workers: int | None = None,
-                 log: Callable[[str], None] | None = None, log_chunks: int = 10):
+                 log: Callable[[str], None] | None = None, log_chunks: int = 10, box_refine_rounds: int = 0):
         self.teacher = teacher
         self.root = Path(root)
         self.labeled_folder = self.root / "labeled"
@@ -152,16 +154,19 @@ class ClosedLoopTargets:
         self.teacher_channel = teacher_channel
         self.box_min_area = box_min_area
         self.max_boxes = max_boxes
+        self.box_refine_rounds = int(box_refine_rounds)
         self.progress = progress
         self.workers = workers
         self.log = log
         self.log_chunks = max(1, int(log_chunks))
 
-    def _params(self, prompt_source: str, box_min_area: int, extra: dict) -> PseudoLabelParams:
+    def _params(self, prompt_source: str, box_min_area: int, extra: dict, box_refine_rounds: int = 0
+                ) -> PseudoLabelParams:
         return PseudoLabelParams(teacher=self.teacher.model_type or "medsam", checkpoint_sha1=self.teacher.checkpoint_sha1 or "",
                                  model_type=self.teacher.model_type or "", prompt_source=prompt_source, aug=0,
                                  box_min_area=box_min_area, max_boxes=self.max_boxes,
-                                 teacher_channel=self.teacher_channel, extra=extra)
+                                 teacher_channel=self.teacher_channel, box_refine_rounds=box_refine_rounds,
+                                 extra=extra)
 
     def labeled_targets(self, cases: Sequence[CaseSource]) -> dict[str, str]:
         """MedSAM from GT boxes for every labeled case not done yet (resumable); {case: done | skipped} for the
@@ -187,7 +192,8 @@ class ClosedLoopTargets:
         student (identical on every rank), and waits for the others: every rank then reads the same targets.
         Returns {"cases": n, "available": number of cases with at least one box} over all cases.
         """
-        params = self._params("student", self.box_min_area, {"closed_loop": "unlabeled", "round": int(round_index)})
+        params = self._params("student", self.box_min_area, {"closed_loop": "unlabeled", "round": int(round_index)},
+                              self.box_refine_rounds)
         info = {"stage": f"closed-loop refresh round {round_index} (METHODS.md §4.5)"}
         distributed.barrier()  # nobody reads or rewrites the store while a rank still trains on the old maps
         with ProgressLog(self.unlabeled_folder, shard_of(sorted(c.case_id for c in cases)),

@@ -34,12 +34,16 @@ def case_seed(seed: int, case_id: str) -> np.random.SeedSequence:
 
 
 def slicewise_reference(teacher, image_u8: np.ndarray, boxes: dict[int, np.ndarray], case_id: str | None = None,
-                        batched: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                        batched: bool = False, box_refine_rounds: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Plain MedSAM (§2.2 reference path, §4.5 refresh) on every slice that has boxes; embeddings cached per slice.
 
     image_u8: (Z, Y, X) or (Z, Y, X, 3); boxes: {z: (n, 4)}. Returns prob (Z, Y, X) = max over the slice's boxes,
     conf (Z, Y, X) = True on slices with at least one box ("available"), False elsewhere (no pseudo-label).
+    box_refine_rounds > 0: box sides that cut through the teacher's mask grow for up to that many rounds
+    (`teachers.box_refine.grow_cut_sides`, decoder only).
     """
+    from nnunet_semisam.teachers.box_refine import grow_cut_sides
+
     zyx = image_u8.shape[:3]
     prob = np.zeros(zyx, np.float32)
     conf = np.zeros(zyx, bool)
@@ -47,7 +51,11 @@ def slicewise_reference(teacher, image_u8: np.ndarray, boxes: dict[int, np.ndarr
         if len(b) == 0:
             continue
         emb = teacher.embed(image_u8[z], case_id=case_id, slice_idx=int(z))
-        prob[z] = teacher.segment(emb, b, zyx[1:], batched=batched).amax(0).cpu().numpy()
+
+        def segment(bb: np.ndarray) -> np.ndarray:
+            return teacher.segment(emb, bb, zyx[1:], batched=batched).cpu().numpy()
+
+        prob[z] = grow_cut_sides(segment, b, zyx[1:], rounds=box_refine_rounds)[1].max(0)
         conf[z] = True
     return prob, conf
 
@@ -69,7 +77,7 @@ def pseudolabel_case(teacher, image_u8: np.ndarray, coarse_mask: np.ndarray | No
         if boxes is None:
             boxes = {} if coarse_mask is None else boxes_from_mask_slicewise(
                 coarse_mask, min_area=params.box_min_area, max_boxes=params.max_boxes)
-        return slicewise_reference(teacher, image_u8, boxes, case_id)
+        return slicewise_reference(teacher, image_u8, boxes, case_id, box_refine_rounds=params.box_refine_rounds)
     if coarse_mask is None:
         return np.zeros(zyx, np.float32), np.zeros(zyx, bool)
     img = image_u8.astype(np.float32)
