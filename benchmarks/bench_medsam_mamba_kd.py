@@ -12,12 +12,15 @@ fold `all` (the machinery's default: every labeled case trains; the old version 
 
 1. `nnUNetTrainer_<s>` at 10 %                                 -> supervised 10 % (stock nnU-Net, PlainConvUNet)
 2. LiteMedSAM alone on the test images, prompted by GT boxes   -> what the teacher knows (no training; this script)
-3. `MedSAMMambaKDTrainer_<s>` at 10 % (LiteMedSAM teacher)     -> the method (Tiny-MUNet student, same plans)
+3. `TinyMUNetTrainer_<s>` at 10 %                              -> the KD student on the labels alone (§4.8):
+                                                                 architecture vs. distillation
+   `MedSAMMambaKDTrainer_<s>` at 10 % (LiteMedSAM teacher)     -> the method (Tiny-MUNet student, same plans)
 4. `MedSAMMambaKDTrainer_{boxOnly,noFPKDM,noFBVM}_<s>` at 10 % -> box-only setting and Table 5 ablations
    (`--no-ablations` skips them; the `smoke` schedule has no noFPKDM / noFBVM variants)
 5. `MedSAMMambaKDTrainer_teacherNative_<s>` at 10 % (`--native`: FPKDM features at 256 instead of the CPU patch side;
    a `demo` variant only)
-6. `nnUNetTrainer_<s>` on the source (every training case labeled) -> supervised 100 % (the machinery's reference)
+6. `MedSAMMambaKDTrainer_<v>_<s>` for every `--variants v` (e.g. `boxRefine`, §4.5)
+7. `nnUNetTrainer_<s>` on the source (every training case labeled) -> supervised 100 % (the machinery's reference)
 
 The machinery writes `OUT/summary.md` (and results.csv, summary.csv, plots, provenance.json; runs under `OUT/runs/`,
 resumable: finished runs are skipped, failed runs are reported and retried by the next invocation). This script adds
@@ -30,7 +33,7 @@ plans and data, in one process, interleaved blocks of training steps, median ms 
 memory of each trainer in a fresh process: peak RSS during its first 3 steps minus the RSS of the ready trainer.
 
     python benchmarks/bench_medsam_mamba_kd.py accuracy [--out DIR] [--num-train 60] [--num-test 20] [--size 64]
-        [--contrast 0.25] [--fraction 0.1] [--schedule bench] [--no-ablations] [--native]
+        [--contrast 0.25] [--fraction 0.1] [--schedule bench] [--no-ablations] [--native] [--variants boxRefine]
     python benchmarks/bench_medsam_mamba_kd.py accuracy --out /tmp/kd --num-train 20 --num-test 4 --size 32 \
         --schedule smoke --no-ablations                        # a few minutes: every row once
     python benchmarks/bench_medsam_mamba_kd.py cost [--size 64] [--iters 20] [--threads 2]
@@ -53,6 +56,7 @@ FULL_ID, SPLIT_ID = 781, 782  # cost: its own datasets in a temporary nnU-Net tr
 PLANS = "nnUNetPlans"
 SOURCE_ID, SOURCE_NAME = 781, "KDBench"  # accuracy: the source dataset in OUT/nnUNet_raw
 ABLATIONS = ("boxOnly", "noFPKDM", "noFBVM")
+CONTROL = "TinyMUNetTrainer"  # the KD student on the labels alone (METHODS.md §4.8)
 
 
 def _env(root: Path) -> dict[str, str]:
@@ -231,6 +235,8 @@ def accuracy(a: argparse.Namespace) -> int:
     source = make_source(out, a)
     kd = ["MedSAMMambaKDTrainer"] + ([] if a.no_ablations else [f"MedSAMMambaKDTrainer_{x}" for x in ABLATIONS])
     kd += ["MedSAMMambaKDTrainer_teacherNative"] if a.native else []
+    kd += [f"MedSAMMambaKDTrainer_{x}" for x in a.variants]
+    kd = [CONTROL] + kd
     o = BenchmarkOptions(out=str(out), dataset=str(source), configuration="2d", trainers=kd, fractions=[a.fraction],
                          seeds=[a.seed], schedule=a.schedule, device="cpu")
     try:
@@ -397,6 +403,8 @@ def main() -> None:
                            help="bench (40x25 iterations), demo (12x25) or smoke (2x10: add --no-ablations)")
             p.add_argument("--no-ablations", action="store_true",
                            help="skip the _boxOnly / _noFPKDM / _noFBVM runs")
+            p.add_argument("--variants", nargs="*", default=[], metavar="SUFFIX",
+                           help="more MedSAMMambaKDTrainer variants by suffix, e.g. boxRefine")
             p.add_argument("--native", action="store_true",
                            help="also FPKDM teacher features at LiteMedSAM's native 256 (slow on CPU; --schedule "
                                 "demo)")
