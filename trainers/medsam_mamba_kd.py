@@ -54,7 +54,7 @@ from nnunet_semisam.losses.fpkdm import FeatureProjector, fpkdm_responses
 from nnunet_semisam.losses.kd import kd_loss, response_distillation_loss
 from nnunet_semisam.networks.batchnorm import frozen_running_stats
 from nnunet_semisam.networks.kd_student import (build_kd_student, describe_kd_student, feature_shapes,
-                                                no_decay_parameter, standardize_per_image)
+                                                standardize_per_image, student_parameter_groups)
 from nnunet_semisam.schedules import CosineLRScheduler
 from nnunet_semisam.teachers.cache import EmbeddingCache
 from nnunet_semisam.teachers.closed_loop import ClosedLoopTargets, SlidingWindowForeground
@@ -184,10 +184,7 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
     def configure_optimizers(self):
         """SGD over student and projectors (§4.6); `lr_schedule` poly (nnU-Net) or cosine to `min_lr` (paper)."""
         self.setup_teacher()
-        decay, no_decay = [], []
-        for name, p in self.network.named_parameters():
-            (no_decay if no_decay_parameter(name) else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = student_parameter_groups(self.network, self.weight_decay)
         if self.projector is not None:
             groups.append({"params": list(self.projector.parameters()), "weight_decay": self.weight_decay})
         optimizer = torch.optim.SGD(groups, lr=self.initial_lr, momentum=0.99, nesterov=True)

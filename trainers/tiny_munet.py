@@ -17,7 +17,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_semisam.errors import SemiSAMError
-from nnunet_semisam.networks.kd_student import build_kd_student, describe_kd_student, no_decay_parameter
+from nnunet_semisam.networks.kd_student import build_kd_student, describe_kd_student, student_parameter_groups
 from nnunet_semisam.trainers.short_schedules import BENCH, DEMO, SMOKE, apply_schedule
 
 
@@ -43,12 +43,8 @@ class TinyMUNetTrainer(nnUNetTrainer):
 
     def configure_optimizers(self):
         """MedSAMMambaKDTrainer's SGD without its projectors: no weight decay for `A_log` and `D` (§4.6)."""
-        decay, no_decay = [], []
-        for name, p in self.network.named_parameters():
-            (no_decay if no_decay_parameter(name) else decay).append(p)
-        optimizer = torch.optim.SGD([{"params": decay, "weight_decay": self.weight_decay},
-                                     {"params": no_decay, "weight_decay": 0.0}],
-                                    lr=self.initial_lr, momentum=0.99, nesterov=True)
+        optimizer = torch.optim.SGD(student_parameter_groups(self.network, self.weight_decay), lr=self.initial_lr,
+                                    momentum=0.99, nesterov=True)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def _do_i_compile(self) -> bool:

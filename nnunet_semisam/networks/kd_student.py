@@ -100,6 +100,15 @@ def no_decay_parameter(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in ("A_log", "D")
 
 
+def student_parameter_groups(network: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer parameter groups of the student: `weight_decay` for every parameter except `A_log` and `D`, which
+    get none (METHODS.md §4.6); in that order."""
+    decay, no_decay = [], []
+    for name, p in network.named_parameters():
+        (no_decay if no_decay_parameter(name) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 @torch.no_grad()
 def feature_shapes(network: nn.Module, num_input_channels: int, patch_size, device: torch.device
                    ) -> list[tuple[int, tuple[int, ...]]]:

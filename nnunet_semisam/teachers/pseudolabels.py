@@ -22,6 +22,7 @@ import numpy as np
 from nnunet_semisam.data.pseudolabel_store import (PseudoLabelParams, case_content_sha1, case_key, check_manifest,
                                                    read_record, save_pseudolabel, source_stat, write_manifest)
 from nnunet_semisam.errors import SemiSAMError
+from nnunet_semisam.teachers.box_refine import grow_cut_sides
 
 
 def case_seed(seed: int, case_id: str) -> np.random.SeedSequence:
@@ -42,8 +43,6 @@ def slicewise_reference(teacher, image_u8: np.ndarray, boxes: dict[int, np.ndarr
     box_refine_rounds > 0: box sides that cut through the teacher's mask grow for up to that many rounds
     (`teachers.box_refine.grow_cut_sides`, decoder only).
     """
-    from nnunet_semisam.teachers.box_refine import grow_cut_sides
-
     zyx = image_u8.shape[:3]
     prob = np.zeros(zyx, np.float32)
     conf = np.zeros(zyx, bool)
