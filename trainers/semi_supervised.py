@@ -56,6 +56,7 @@ from nnunet_semisam.distributed import (DistributedTrainerMixin, all_gather_obje
 from nnunet_semisam.errors import SemiSAMError, install_one_line_errors
 from nnunet_semisam.io import atomic_path
 from nnunet_semisam.plotting import plot_loss_terms
+from nnunet_semisam.trainers.short_schedules import final_validation_skipped
 
 LossTerms = dict[str, tuple[float, torch.Tensor]]
 
@@ -474,7 +475,10 @@ class SemiSupervisedTrainer(DistributedTrainerMixin, nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's final validation, with a start line (number of validation cases) and an end line (elapsed
-        time) in the training log: it runs silently for minutes on large folds otherwise."""
+        time) in the training log: it runs silently for minutes on large folds otherwise. Skipped in `_smoke` runs
+        (`short_schedules.final_validation_skipped`)."""
+        if final_validation_skipped(self):
+            return
         _, val_keys = self.do_split()
         self.print_to_log_file(f"final validation: predicting {len(val_keys)} validation cases of fold {self.fold} "
                                f"(sliding window with mirroring, then metrics)")

@@ -18,7 +18,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.networks.kd_student import build_kd_student, describe_kd_student, student_parameter_groups
-from nnunet_semisam.trainers.short_schedules import BENCH, DEMO, SMOKE, apply_schedule
+from nnunet_semisam.trainers.short_schedules import (BENCH, DEMO, SMOKE, apply_schedule,
+                                                    final_validation_skipped)
 
 
 class TinyMUNetTrainer(nnUNetTrainer):
@@ -46,6 +47,10 @@ class TinyMUNetTrainer(nnUNetTrainer):
         optimizer = torch.optim.SGD(student_parameter_groups(self.network, self.weight_decay), lr=self.initial_lr,
                                     momentum=0.99, nesterov=True)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if not final_validation_skipped(self):  # `_smoke` only (`short_schedules`)
+            super().perform_actual_validation(save_probabilities)
 
     def _do_i_compile(self) -> bool:
         """Off, as in MedSAMMambaKDTrainer, so that the control runs the student exactly as the KD run does."""

@@ -114,7 +114,8 @@ class TestDDP2D:
 def test_torchrun_nnunet_semisam_train_end_to_end(tiny2d, tmp_path):
     """`torchrun --nproc-per-node 2 nnunet-semisam train ... -device cpu`: nnU-Net's full loop under gloo (training,
     checkpoints by rank 0, the final validation split over the ranks), then `nnUNetv2_predict` with the result."""
-    env = {**tiny2d, "nnUNet_results": str(tmp_path / "results"), "nnUNet_semisam_ddp_timeout_min": "5"}
+    env = {**tiny2d, "nnUNet_results": str(tmp_path / "results"), "nnUNet_semisam_ddp_timeout_min": "5",
+           "nnUNet_semisam_smoke_validation": "1"}  # the `_smoke` schedule skips it otherwise
     script = shutil.which("nnunet-semisam")
     trainer = "MeanTeacherTrainer_smoke"
     r = run_cmd(torchrun(2) + [script, "train", "990", "2d", "0", "-tr", trainer, "-device", "cpu"], env, timeout=1200)

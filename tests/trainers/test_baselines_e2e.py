@@ -3,7 +3,8 @@
 fold, then `nnunet-semisam evaluate` against the test labels.
 
 One parametrized test per configuration on the session datasets `tiny2d` / `tiny3d`, each in its own class so that
-pytest-xdist (`--dist loadscope`) runs the two configurations on different workers. The method-specific checks
+pytest-xdist (`--dist loadscope`) runs the two configurations on different workers; the 2D CPS and BCP runs are their
+kill/resume tests (`RESUMED_2D`), which finish with the same checks. The method-specific checks
 (hand-computed losses, `--c` restores, phases) live in each method's own test file.
 """
 import importlib
@@ -44,10 +45,17 @@ def logged_terms(log: str) -> list[dict[str, tuple[float, float]]]:
 
 
 def train_predict_evaluate(name, configuration, request, tmp_path):
-    dataset_id, dataset_name, fixture, ending = DATASETS[configuration]
+    dataset_id, dataset_name, fixture, _ = DATASETS[configuration]
     env = with_results(request.getfixturevalue(fixture), tmp_path / "results")
     trainer = f"{name}_smoke"
     run_cmd(["nnUNetv2_train", dataset_id, configuration, "0", "-tr", trainer, "-device", "cpu"], env)
+    check_predict_evaluate(name, configuration, env, tmp_path)
+
+
+def check_predict_evaluate(name, configuration, env, tmp_path):
+    """The checks of a finished `<name>_smoke` training in `tmp_path/results`, then predict and evaluate."""
+    dataset_id, dataset_name, _, ending = DATASETS[configuration]
+    trainer = f"{name}_smoke"
     fold = tmp_path / "results" / dataset_name / f"{trainer}__nnUNetPlans__{configuration}" / "fold_0"
 
     # every term of the method in nnU-Net's log, finite; every non-diagnostic term weighted in some epoch
@@ -69,15 +77,20 @@ def train_predict_evaluate(name, configuration, request, tmp_path):
     raw = Path(env["nnUNet_raw"]) / dataset_name
     pred = tmp_path / "pred"
     run_cmd(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", dataset_id, "-c", configuration,
-             "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], env)
+             "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta"], env)
     assert sorted(p.name for p in pred.glob(f"*{ending}")) == sorted(p.name for p in (raw / "labelsTs").iterdir())
     run_cmd(["nnunet-semisam", "evaluate", str(pred), str(raw / "labelsTs")], env)
     metrics = json.loads((pred / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["n_cases"] == 2 and len(metrics["cases"]) == 2
 
 
+#: their 2D runs are the kill/resume tests of test_uamt_cps.py and test_bcp.py, which end with
+#: `check_predict_evaluate` (one training each instead of two)
+RESUMED_2D = ("CPSTrainer", "BCPTrainer")
+
+
 class TestBaselines2D:
-    @pytest.mark.parametrize("name", list(BASELINES))
+    @pytest.mark.parametrize("name", [n for n in BASELINES if n not in RESUMED_2D])
     def test_train_predict_evaluate(self, name, request, tmp_path):
         train_predict_evaluate(name, "2d", request, tmp_path)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import kill_after_first_checkpoint, run_cmd, trainer_from_checkpoint, training_log, with_results
+from test_baselines_e2e import check_predict_evaluate
 from nnunet_semisam.trainers.bcp import BCPTrainer, paste
 
 
@@ -53,3 +54,4 @@ def test_bcp_kill_after_switch_and_resume(tiny2d, tmp_path, monkeypatch):
     assert restored == pytest.approx(sum(float(v.double().sum()) for v in saved["bcp_ema"].values()), rel=1e-9)
     terms = re.findall(r"loss terms: pretrain (\S+) \(w (\S+)\), mix_l (\S+) \(w (\S+)\)", log)
     assert terms[0][1] == "1" and terms[-1][0] == "nan" and float(terms[-1][2]) > 0  # epoch 1: self-training only
+    check_predict_evaluate("BCPTrainer", "2d", env, tmp_path)  # the baseline e2e checks of this 2D run

@@ -1,4 +1,5 @@
-"""MeanTeacherTrainer through the real nnU-Net commands: train, predict, evaluate, kill and resume with --c."""
+"""MeanTeacherTrainer through the real nnU-Net commands: train, killed after its epoch-0 checkpoint, resumed with --c,
+then predict and evaluate (one training, the checks of both)."""
 import json
 import re
 from pathlib import Path
@@ -12,37 +13,7 @@ from conftest import kill_after_first_checkpoint, run_cmd, trainer_from_checkpoi
 TRAINER = "MeanTeacherTrainer_smoke"
 
 
-def test_train_predict_evaluate(tiny2d, tmp_path):
-    env = with_results(tiny2d, tmp_path / "results")
-    run_cmd(["nnUNetv2_train", "990", "2d", "0", "-tr", TRAINER, "-device", "cpu"], env)
-    fold = tmp_path / "results" / "Dataset990_SynthRGB" / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
-    log = training_log(fold)
-    assert "Unlabeled loader: 6 cases" in log
-    terms = re.findall(r"loss terms: supervised ([\d.e+-]+) \(w 1\), consistency ([\d.e+-]+) \(w ([\d.e+-]+)\)", log)
-    assert len(terms) == 2, log
-    assert all(float(c) > 0 and float(w) > 0 for _, c, w in terms), "the unlabeled consistency term must be active"
-    assert float(terms[1][2]) > float(terms[0][2]), "ramp-up: the weight grows"
-    assert (fold / "progress_terms.png").is_file() and (fold / "progress.png").is_file()
-    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert ckpt["semisam"]["global_step"] == 20 and "ema_teacher" in ckpt["semisam"]
-    assert ckpt["network_weights"].keys() == ckpt["semisam"]["ema_teacher"].keys()
-
-    raw = Path(env["nnUNet_raw"]) / "Dataset990_SynthRGB"
-    pred = tmp_path / "pred"
-    run_cmd(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", "990", "-c", "2d", "-f", "0",
-             "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"], env)
-    from PIL import Image
-    gts = sorted((raw / "labelsTs").glob("*.png"))
-    assert len(gts) == 2
-    for gt in gts:
-        p = np.asarray(Image.open(pred / gt.name))
-        assert p.shape == np.asarray(Image.open(gt)).shape and set(np.unique(p)) <= {0, 1}
-    out = run_cmd(["nnunet-semisam", "evaluate", str(pred), str(raw / "labelsTs")], env).stdout
-    metrics = json.loads((pred / "metrics.json").read_text())
-    assert "Dice" in out and metrics
-
-
-def test_kill_and_resume_restores_ema(tiny2d, tmp_path, monkeypatch):
+def test_kill_resume_predict_evaluate(tiny2d, tmp_path, monkeypatch):
     env = with_results(tiny2d, tmp_path / "results")
     fold = tmp_path / "results" / "Dataset990_SynthRGB" / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
     cmd = ["nnUNetv2_train", "990", "2d", "0", "-tr", TRAINER, "-device", "cpu"]
@@ -63,5 +34,26 @@ def test_kill_and_resume_restores_ema(tiny2d, tmp_path, monkeypatch):
     assert "Restored MeanTeacherTrainer_smoke state at t_it=10" in log
     restored = float(re.search(r"EMA teacher restored \(sum of weights ([\d.e+-]+)\)", log).group(1))
     assert restored == pytest.approx(saved_sum, rel=1e-9)
+    assert "Unlabeled loader: 6 cases" in log
+    terms = re.findall(r"loss terms: supervised ([\d.e+-]+) \(w 1\), consistency ([\d.e+-]+) \(w ([\d.e+-]+)\)", log)
+    assert len(terms) == 2, log  # epoch 0 before the kill, epoch 1 after the resume
+    assert all(float(c) > 0 and float(w) > 0 for _, c, w in terms), "the unlabeled consistency term must be active"
+    assert float(terms[1][2]) > float(terms[0][2]), "ramp-up: the weight grows"
+    assert (fold / "progress_terms.png").is_file() and (fold / "progress.png").is_file()
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert final["semisam"]["global_step"] == 20
+    assert final["semisam"]["global_step"] == 20 and "ema_teacher" in final["semisam"]
+    assert final["network_weights"].keys() == final["semisam"]["ema_teacher"].keys()
+
+    raw = Path(env["nnUNet_raw"]) / "Dataset990_SynthRGB"
+    pred = tmp_path / "pred"
+    run_cmd(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", "990", "-c", "2d", "-f", "0",
+             "-tr", TRAINER, "-device", "cpu", "-npp", "0", "-nps", "0"], env)
+    from PIL import Image
+    gts = sorted((raw / "labelsTs").glob("*.png"))
+    assert len(gts) == 2
+    for gt in gts:
+        p = np.asarray(Image.open(pred / gt.name))
+        assert p.shape == np.asarray(Image.open(gt)).shape and set(np.unique(p)) <= {0, 1}
+    out = run_cmd(["nnunet-semisam", "evaluate", str(pred), str(raw / "labelsTs")], env).stdout
+    metrics = json.loads((pred / "metrics.json").read_text())
+    assert "Dice" in out and metrics

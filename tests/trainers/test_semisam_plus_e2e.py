@@ -64,7 +64,7 @@ def test_semisam_plus_kill_mid_phase_resume_predict_evaluate(tiny3d, tmp_path):
     raw = Path(env["nnUNet_raw"]) / "Dataset991_Synth3D"
     pred = tmp_path / "pred"
     run_cmd(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", "991", "-c", "3d_fullres",
-             "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], env)
+             "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta"], env)
     assert sorted(p.name for p in pred.glob("*.nii.gz")) == sorted(p.name for p in (raw / "labelsTs").iterdir())
     run_cmd(["nnunet-semisam", "evaluate", str(pred), str(raw / "labelsTs")], env)
     metrics = json.loads((pred / "metrics.json").read_text(encoding="utf-8"))

@@ -163,14 +163,34 @@ def test_unlabeled_views_are_masked_when_the_configuration_masks(dataset_copy):
 def test_final_validation_logs_start_and_end(dataset_copy, monkeypatch):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+    from nnunet_semisam.trainers.short_schedules import SMOKE_VALIDATION_ENV
+
     calls = []
     monkeypatch.setattr(nnUNetTrainer, "perform_actual_validation", lambda self, save=False: calls.append(save))
+    monkeypatch.setenv(SMOKE_VALIDATION_ENV, "1")
     trainer = _trainer()
     trainer.perform_actual_validation(True)
     assert calls == [True]
     log = _log(trainer)
     assert "final validation: predicting 2 validation cases of fold 0" in log  # 6 labeled cases, 5 folds
     assert "final validation done: 2 cases in" in log
+
+
+def test_smoke_runs_skip_the_final_validation_unless_asked(dataset_copy, monkeypatch):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_semisam.trainers.short_schedules import SMOKE_VALIDATION_ENV
+
+    calls = []
+    monkeypatch.setattr(nnUNetTrainer, "perform_actual_validation", lambda self, save=False: calls.append(save))
+    monkeypatch.delenv(SMOKE_VALIDATION_ENV, raising=False)
+    for name in (MT, "nnUNetTrainer_smoke"):
+        trainer = _trainer(name)
+        trainer.perform_actual_validation(False)
+        assert "final validation skipped (smoke schedule" in _log(trainer)
+    assert calls == []
+    _trainer("MeanTeacherTrainer_demo").perform_actual_validation(False)  # other schedules validate
+    assert calls == [False]
 
 
 def test_closed_loop_progress_counts_records_written_since_the_stage_began(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import kill_after_first_checkpoint, run_cmd, trainer_from_checkpoint, training_log, with_results
+from test_baselines_e2e import check_predict_evaluate
 from nnunet_semisam.trainers.uamt import UAMTTrainer
 
 
@@ -63,3 +64,4 @@ def test_cps_kill_and_resume_restores_network2_and_optimizer2(tiny2d, tmp_path, 
     assert restored == pytest.approx(saved_sum, rel=1e-9)
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["semisam"]["global_step"] == 20
+    check_predict_evaluate("CPSTrainer", "2d", env, tmp_path)  # the baseline e2e checks of this 2D run

@@ -43,7 +43,7 @@ def test_train_resume_predict_per_task(versemi3d, tmp_path):
     sidecar = json.loads((raw / "versemi_tasks.json").read_text())
     pred = tmp_path / "pred"
     predict = ["nnUNetv2_predict", "-d", "920", "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-device", "cpu",
-               "-npp", "1", "-nps", "1", "--disable_tta", "--save_probabilities"]
+               "-npp", "0", "-nps", "0", "--disable_tta", "--save_probabilities"]
     run_cmd(predict + ["-i", str(raw / "imagesTs"), "-o", str(pred)], env)
     test_cases = sidecar["groups"]["test"]
     assert sorted(test_cases.values()) == [1, 2, 3]
