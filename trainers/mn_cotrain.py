@@ -17,7 +17,7 @@ function of the global iteration (`nnunet_semisam.mn_schedule`, M&N epochs of `m
 AdamW per model (lr0 f 1e-3, g 1e-4, wd 0.01). Checkpoint: `network_weights`/`optimizer_state` are g's; `semisam` adds
 f's weights, f's optimizer, the schedule position and the number of pseudo-mask refreshes done (`--c` resumes
 mid-stage; the masks are in `<fold>/mn_pseudo_masks/`). Deviation: the plans' patch and batch size are used, not
-[MN]'s (64, 160, 160) x 5.
+[MN]'s (64, 160, 160) x 5. `MNCoTrainer_unet3d`: g is [MN]'s own simple 3D U-Net (`networks.mn_unet3d`).
 """
 import os
 
@@ -33,6 +33,7 @@ from nnunet_semisam.losses.mn import combined_weights, mn_labeled_loss, mn_unlab
 from nnunet_semisam.mn_schedule import (REFRESH_FRACTIONS, batch_split, model_lr, position, refreshes_due,
                                         stage_lengths)
 from nnunet_semisam.networks.mn_lora2d import build_mn_2d_model, parameter_report
+from nnunet_semisam.networks.mn_unet3d import MNUNet3D
 from nnunet_semisam.networks.slices import apply_slicewise
 from nnunet_semisam.trainers.semi_supervised import LossTerms, SemiSupervisedTrainer, full_resolution
 from nnunet_semisam.trainers.short_schedules import DEMO, SMOKE, apply_schedule
@@ -239,3 +240,26 @@ class MNCoTrainer_demo(MNCoTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule(self, DEMO)
         self.mn_epoch_iterations = 4
+
+
+class MNCoTrainer_unet3d(MNCoTrainer):
+    """g = [MN]'s own simple 3D U-Net (`networks.mn_unet3d.MNUNet3D`, §7.1) instead of the plans network; one output,
+    so L_l of g has no deep supervision. `nnUNetv2_predict -tr MNCoTrainer_unet3d` rebuilds it through here."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        return MNUNet3D(num_input_channels, num_output_channels)
+
+
+class MNCoTrainer_unet3d_smoke(MNCoTrainer_unet3d, MNCoTrainer_smoke):
+    """`MNCoTrainer_smoke`'s schedule with [MN]'s 3D U-Net as g."""
+
+
+class MNCoTrainer_unet3d_demo(MNCoTrainer_unet3d, MNCoTrainer_demo):
+    """`MNCoTrainer_demo`'s schedule with [MN]'s 3D U-Net as g."""

@@ -63,3 +63,27 @@ def test_mn_smoke_train_kill_resume_predict_evaluate(tiny3d, tmp_path):
     run_cmd(["nnunet-semisam", "evaluate", str(pred), str(raw / "labelsTs")], env)
     metrics = json.loads((pred / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["n_cases"] == 2
+
+
+def test_unet3d_variant_trains_predicts_and_evaluates(tiny3d, tmp_path):
+    """`MNCoTrainer_unet3d_smoke`: g is [MN]'s 3D U-Net (§7.1), one output, rebuilt by `nnUNetv2_predict`."""
+    from nnunet_semisam.networks.mn_unet3d import MNUNet3D
+
+    trainer = "MNCoTrainer_unet3d_smoke"
+    env = with_results(tiny3d, tmp_path / "results")
+    run_cmd(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
+    fold = tmp_path / "results" / "Dataset991_Synth3D" / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["network_weights"].keys() == MNUNet3D(3, 2).state_dict().keys()  # tiny3d: 3 channels, 2 classes
+    assert final["semisam"]["global_step"] == 20
+    last = [{n: (float(v), float(w)) for n, v, w in TERM.findall(line)}
+            for line in re.findall(r"loss terms: (.*)", training_log(fold))][-1]
+    for term in ("labeled_g", "unlabeled_g"):
+        assert math.isfinite(last[term][0]) and last[term][1] > 0, (term, last)
+
+    raw = Path(env["nnUNet_raw"]) / "Dataset991_Synth3D"
+    pred = tmp_path / "pred"
+    run_cmd(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", "991", "-c", "3d_fullres",
+             "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta"], env)
+    run_cmd(["nnunet-semisam", "evaluate", str(pred), str(raw / "labelsTs")], env)
+    assert json.loads((pred / "metrics.json").read_text(encoding="utf-8"))["n_cases"] == 2
