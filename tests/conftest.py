@@ -145,20 +145,20 @@ TINY3D_SHAPE = (12, 24, 24)
 #: time first) instead of leaving one worker alone with a 10-minute module.
 SLOWEST_FIRST = (
     "trainers/test_baselines_e2e.py::TestBaselines3D",
-    "trainers/test_baselines_e2e.py::TestBaselines2D",
     "trainers/test_medsam_mamba_kd_e2e.py",
-    "benchmark/test_benchmark_e2e.py",
+    "trainers/test_baselines_e2e.py::TestBaselines2D",
     "distributed/test_ddp.py",
-    "cli/test_demo.py",
-    "trainers/test_mean_teacher_e2e.py",
     "trainers/test_mn_cotrain_e2e.py",
+    "benchmark/test_benchmark_e2e.py",
+    "cli/test_demo.py",
+    "teachers/test_pseudolabel_cli.py",
     "trainers/test_versemi_e2e.py",
+    "planners/test_tiny_munet_planner.py",
     "trainers/test_semisam_plus_e2e.py",
     "trainers/test_uamt_cps.py",
-    "planners/test_tiny_munet_planner.py",
-    "trainers/test_bcp.py",
+    "trainers/test_mean_teacher_e2e.py",
     "trainers/test_trainer_errors.py",
-    "teachers/test_pseudolabel_cli.py",
+    "trainers/test_bcp.py",
     "trainers/test_tiny_munet_trainer.py",
 )
 
