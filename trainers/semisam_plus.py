@@ -35,6 +35,7 @@ from nnunet_semisam.losses.semisam_plus import (beta_rampdown, lambda_rampup, of
 from nnunet_semisam.networks.slicing_sam3d import SlicingSAM3D, litemedsam_slice_encoder
 from nnunet_semisam.teachers.algorithm2 import algorithm2
 from nnunet_semisam.teachers.ema import EMATeacher
+from nnunet_semisam.teachers.teacher_sets import build_teacher_set, check_teacher_set, point_mode
 from nnunet_semisam.trainers.semi_supervised import LossTerms, SemiSupervisedTrainer, split_batch
 from nnunet_semisam.trainers.short_schedules import DEMO, apply_schedule
 
@@ -59,6 +60,8 @@ class SemiSAMPlusTrainer(SemiSupervisedTrainer):
     compile_network = False
     compile_off_reason = "validation and checkpoints swap in the EMA decoder"
     sam_slice_size = 64  # S of the student's encoder input; plans key `sam_slice_size` overrides (256 on a GPU)
+    teacher_set: tuple[str, ...] = ("litemedsam",)  # Algorithm 2 teachers (`teachers.teacher_sets`, §5.4)
+    teacher_options: dict = {}  # per teacher: model configuration of a non-default checkpoint
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -100,11 +103,17 @@ class SemiSAMPlusTrainer(SemiSupervisedTrainer):
         return opt, PhaseLR(self)
 
     # ------------------------------------------------------------------------------------------------ teachers
+    def preflight_checks(self) -> None:
+        """The base checks, then the teacher set: known names, their checkpoint variables and files (one line)."""
+        super().preflight_checks()
+        check_teacher_set(self.teacher_set)
+
     def build_teachers(self) -> list:
-        """The Algorithm 2 teachers (default: LiteMedSAM slice-wise, the reference 256 path, §2.8)."""
-        from nnunet_semisam.teachers.litemedsam import LiteMedSAMTeacher
-        from nnunet_semisam.teachers.slice3d import LiteMedSAMSliceTeacher
-        return [LiteMedSAMSliceTeacher(LiteMedSAMTeacher.from_package(device=self.device))]
+        """The Algorithm 2 teachers of `teacher_set` (default: LiteMedSAM slice-wise, the reference 256 path, §2.8)."""
+        teachers = build_teacher_set(self.teacher_set, self.device, self.teacher_options)
+        self.print_to_log_file(f"Algorithm 2 teachers: {', '.join(self.teacher_set)} ({2 * len(teachers)}N masks, "
+                               f"points {point_mode(self.teacher_set)})")
+        return teachers
 
     def teacher_volume(self, x: np.ndarray) -> np.ndarray:
         """(C, Z, Y, X) weak view -> rule-U uint8-valued float volume (Z, Y, X) of `teacher_channel` (§2.4)."""
@@ -175,7 +184,7 @@ class SemiSAMPlusTrainer(SemiSupervisedTrainer):
                 zs = self.slab(mc)
                 pseudo[b][zs], conf[b][zs] = algorithm2(self.teacher_volume(weak_np[b])[zs], mc[zs], self.teachers,
                                                         self.rng, n_aug=self.n_aug, u_th=self.u_th,
-                                                        point_mode="slicewise")
+                                                        point_mode=point_mode(self.teacher_set))
                 self.pl_stats.append((float(conf[b].mean()), float(pseudo[b][conf[b]].mean()) if conf[b].any()
                                       else 0.0))
             losses.append(rs_consistency(probs[:m, c], torch.from_numpy(pseudo).to(probs.device),
@@ -275,6 +284,26 @@ class SemiSAMPlusTrainer_offline(SemiSAMPlusTrainer):
         loss, share = offline_rs_consistency(p_fg, batch_u["extra"])
         self.pl_stats.append((share, 0.0))
         return loss
+
+
+class SemiSAMPlusTrainer_medsam(SemiSAMPlusTrainer):
+    """MedSAM ViT-B slice-wise from `$SEMISAM_TEACHER` (§5.4 teacher sets)."""
+    teacher_set = ("medsam",)
+
+
+class SemiSAMPlusTrainer_samMed3d(SemiSAMPlusTrainer):
+    """SAM-Med3D from `$SEMISAM_SAM_MED3D`, the manual's default teacher (2N masks)."""
+    teacher_set = ("sam-med3d",)
+
+
+class SemiSAMPlusTrainer_medsam2(SemiSAMPlusTrainer):
+    """LiteMedSAM + MedSAM2 from `$SEMISAM_MEDSAM2` (4N masks)."""
+    teacher_set = ("litemedsam", "medsam2")
+
+
+class SemiSAMPlusTrainer_samMed3d_medsam2(SemiSAMPlusTrainer):
+    """SAM-Med3D + MedSAM2, the manual's full setting (4N masks)."""
+    teacher_set = ("sam-med3d", "medsam2")
 
 
 class SemiSAMPlusTrainer_smoke(SemiSAMPlusTrainer):

@@ -30,6 +30,16 @@ from nnunet_semisam.errors import SemiSAMError
 CHECKPOINT_ENV = {"litemedsam": None, "medsam": "SEMISAM_TEACHER", "medsam2": "SEMISAM_MEDSAM2",
                   "sam-med3d": "SEMISAM_SAM_MED3D"}
 MEDSAM2_CONFIG_ENV = "SEMISAM_MEDSAM2_CONFIG"
+#: teachers that segment slice by slice (a point prompt reaches only its own slice)
+SLICE_TEACHERS = ("litemedsam", "medsam")
+
+
+def point_mode(names: Sequence[str]) -> str:
+    """Algorithm 2's `point_mode` for a set: "slicewise" (one RITM point per non-empty slice) when a slice-by-slice
+    2D teacher is in it, since it answers only on slices that carry a prompt; "volume" (one point in 3D, the manual's
+    prompt for SAM-Med3D and MedSAM2) for sets of 3D teachers. SAM-Med3D takes every point of a slice-wise prompt
+    together; MedSAM2 propagates from the first prompted slice."""
+    return "slicewise" if any(n in SLICE_TEACHERS for n in names) else "volume"
 
 
 def checkpoint_path(name: str) -> Path | None:

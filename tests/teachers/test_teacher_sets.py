@@ -6,7 +6,7 @@ import torch
 
 from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.teachers.algorithm2 import algorithm2
-from nnunet_semisam.teachers.teacher_sets import build_teacher_set, check_teacher_set
+from nnunet_semisam.teachers.teacher_sets import build_teacher_set, check_teacher_set, point_mode
 
 SMALL_SAM_MED3D = dict(encoder_embed_dim=48, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1],
                        prompt_embed_dim=48, image_size=32, vit_patch_size=16)
@@ -67,3 +67,31 @@ def test_sam_med3d_and_medsam2_set_gives_4n_masks(monkeypatch, tmp_path):
     assert masks.shape == (2 * 2 * 2, 4, 24, 24)  # 2 teachers x 2 augmentations x (mask, point) = 4N
     assert pseudo.shape == conf.shape == (4, 24, 24)
     np.testing.assert_allclose(pseudo, masks.mean(0) * (masks.var(0) < 0.05), atol=1e-6)
+
+
+def test_point_mode_follows_the_set():
+    assert point_mode(["litemedsam"]) == point_mode(["litemedsam", "medsam2"]) == "slicewise"
+    assert point_mode(["sam-med3d"]) == point_mode(["sam-med3d", "medsam2"]) == "volume"
+
+
+@pytest.mark.parametrize("variant, names, env", [
+    ("SemiSAMPlusTrainer", ("litemedsam",), None),
+    ("SemiSAMPlusTrainer_medsam", ("medsam",), "SEMISAM_TEACHER"),
+    ("SemiSAMPlusTrainer_samMed3d", ("sam-med3d",), "SEMISAM_SAM_MED3D"),
+    ("SemiSAMPlusTrainer_medsam2", ("litemedsam", "medsam2"), "SEMISAM_MEDSAM2"),
+    ("SemiSAMPlusTrainer_samMed3d_medsam2", ("sam-med3d", "medsam2"), "SEMISAM_SAM_MED3D"),
+])
+def test_semisam_plus_variants_name_their_sets_and_fail_at_start_without_weights(variant, names, env, monkeypatch):
+    """One variant per teacher set; its start-up check (`preflight_checks` -> `check_teacher_set`) names the unset
+    variable in one line."""
+    from nnunet_semisam.trainers import semisam_plus
+
+    cls = getattr(semisam_plus, variant)
+    assert cls.teacher_set == names
+    for var in ("SEMISAM_SAM_MED3D", "SEMISAM_MEDSAM2", "SEMISAM_TEACHER"):
+        monkeypatch.delenv(var, raising=False)
+    if env is None:
+        check_teacher_set(cls.teacher_set)
+    else:
+        with pytest.raises(SemiSAMError, match=rf"\${env} = a local checkpoint"):
+            check_teacher_set(cls.teacher_set)
