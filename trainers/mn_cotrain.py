@@ -33,7 +33,7 @@ from nnunet_semisam.losses.mn import combined_weights, mn_labeled_loss, mn_unlab
 from nnunet_semisam.mn_schedule import (REFRESH_FRACTIONS, batch_split, model_lr, position, refreshes_due,
                                         stage_lengths)
 from nnunet_semisam.networks.mn_lora2d import build_mn_2d_model, parameter_report
-from nnunet_semisam.networks.mn_unet3d import MNUNet3D
+from nnunet_semisam.networks.mn_unet3d import FEATURES, MNUNet3D
 from nnunet_semisam.networks.slices import apply_slicewise
 from nnunet_semisam.trainers.semi_supervised import LossTerms, SemiSupervisedTrainer, full_resolution
 from nnunet_semisam.trainers.short_schedules import DEMO, SMOKE, apply_schedule
@@ -245,20 +245,23 @@ class MNCoTrainer_demo(MNCoTrainer):
 class MNCoTrainer_unet3d(MNCoTrainer):
     """g = [MN]'s own simple 3D U-Net (`networks.mn_unet3d.MNUNet3D`, §7.1) instead of the plans network; one output,
     so L_l of g has no deep supervision. `nnUNetv2_predict -tr MNCoTrainer_unet3d` rebuilds it through here."""
+    unet3d_features = FEATURES  # the paper's 32-512
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False
 
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
-        return MNUNet3D(num_input_channels, num_output_channels)
+        return MNUNet3D(num_input_channels, num_output_channels, cls.unet3d_features)
 
 
 class MNCoTrainer_unet3d_smoke(MNCoTrainer_unet3d, MNCoTrainer_smoke):
-    """`MNCoTrainer_smoke`'s schedule with [MN]'s 3D U-Net as g."""
+    """`MNCoTrainer_smoke`'s schedule with [MN]'s 3D U-Net as g at a quarter of its width (8-128 features: the same
+    layout, 1/16 of the 25.9 M parameters, for CPU tests)."""
+    unet3d_features = tuple(f // 4 for f in FEATURES)
 
 
 class MNCoTrainer_unet3d_demo(MNCoTrainer_unet3d, MNCoTrainer_demo):

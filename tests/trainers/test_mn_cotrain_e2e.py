@@ -74,7 +74,9 @@ def test_unet3d_variant_trains_predicts_and_evaluates(tiny3d, tmp_path):
     run_cmd(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
     fold = tmp_path / "results" / "Dataset991_Synth3D" / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert final["network_weights"].keys() == MNUNet3D(3, 2).state_dict().keys()  # tiny3d: 3 channels, 2 classes
+    weights = final["network_weights"]
+    assert weights.keys() == MNUNet3D(3, 2).state_dict().keys()  # tiny3d: 3 channels, 2 classes
+    assert weights["encoder.0.0.weight"].shape[0] == 8  # the smoke variant's quarter width
     assert final["semisam"]["global_step"] == 20
     last = [{n: (float(v), float(w)) for n, v, w in TERM.findall(line)}
             for line in re.findall(r"loss terms: (.*)", training_log(fold))][-1]
