@@ -47,6 +47,8 @@ def nnunet_env(root: Path) -> dict:
     env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
                nnUNet_results=str(root / "results"), nnUNet_extTrainer=trainers_path())
     env.setdefault("nnUNet_compile", "false")
+    # nnU-Net's default of 8 export workers per final validation oversubscribes small machines
+    env.setdefault("nnUNet_def_n_proc", str(min(8, os.cpu_count() or 1)))
     return env
 
 
