@@ -85,6 +85,18 @@ def kill_after_first_checkpoint(cmd: Sequence[str], env: dict[str, str], fold: P
     return latest
 
 
+def assert_binary_png_predictions(pred: Path, labels: Path, n: int) -> None:
+    """`pred` holds one PNG per ground-truth PNG in `labels` (there are `n`), same shape, values in {0, 1}."""
+    import numpy as np
+    from PIL import Image
+
+    gts = sorted(labels.glob("*.png"))
+    assert len(gts) == n
+    for gt in gts:
+        p = np.asarray(Image.open(pred / gt.name))
+        assert p.shape == np.asarray(Image.open(gt)).shape and set(np.unique(p)) <= {0, 1}
+
+
 def training_log(fold: Path) -> str:
     """All of nnU-Net's training logs of a fold folder, oldest first (a resumed run writes a second one)."""
     return "\n".join(p.read_text(encoding="utf-8") for p in sorted(fold.glob("training_log_*.txt")))

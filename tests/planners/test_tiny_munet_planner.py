@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cmd
+from conftest import assert_binary_png_predictions, run_cmd
 from nnunet_semisam.cli import main
 from nnunet_semisam.data.synthetic import make_synthetic_dataset
 from nnunet_semisam.networks.tiny_munet import paper_tiny_munet
@@ -50,12 +50,7 @@ def test_plan_train_predict_2d(env, tmp_path):
     pred = tmp_path / "pred"
     run_cmd(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", "931", "-c", "2d", "-f", "0",
              "-p", PLANS, "-tr", "nnUNetTrainer_smoke", "-device", "cpu", "-npp", "0", "-nps", "0"], env)
-    from PIL import Image
-    gts = sorted((raw / "labelsTs").glob("*.png"))
-    assert len(gts) == 2
-    for gt in gts:
-        p = np.asarray(Image.open(pred / gt.name))
-        assert p.shape == np.asarray(Image.open(gt)).shape and set(np.unique(p)) <= {0, 1}
+    assert_binary_png_predictions(pred, raw / "labelsTs", 2)
 
 
 SIZING = """

@@ -4,11 +4,11 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import kill_after_first_checkpoint, run_cmd, trainer_from_checkpoint, training_log, with_results
+from conftest import (assert_binary_png_predictions, kill_after_first_checkpoint, run_cmd, trainer_from_checkpoint,
+                      training_log, with_results)
 
 TRAINER = "MeanTeacherTrainer_smoke"
 
@@ -48,12 +48,7 @@ def test_kill_resume_predict_evaluate(tiny2d, tmp_path, monkeypatch):
     pred = tmp_path / "pred"
     run_cmd(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", "990", "-c", "2d", "-f", "0",
              "-tr", TRAINER, "-device", "cpu", "-npp", "0", "-nps", "0"], env)
-    from PIL import Image
-    gts = sorted((raw / "labelsTs").glob("*.png"))
-    assert len(gts) == 2
-    for gt in gts:
-        p = np.asarray(Image.open(pred / gt.name))
-        assert p.shape == np.asarray(Image.open(gt)).shape and set(np.unique(p)) <= {0, 1}
+    assert_binary_png_predictions(pred, raw / "labelsTs", 2)
     out = run_cmd(["nnunet-semisam", "evaluate", str(pred), str(raw / "labelsTs")], env).stdout
     metrics = json.loads((pred / "metrics.json").read_text())
     assert "Dice" in out and metrics
