@@ -53,8 +53,8 @@ from nnunet_semisam.losses.fbvm import estimate_polarity, fbvm_loss, nonmin_vali
 from nnunet_semisam.losses.fpkdm import FeatureProjector, fpkdm_responses
 from nnunet_semisam.losses.kd import kd_loss, response_distillation_loss
 from nnunet_semisam.networks.batchnorm import frozen_running_stats
-from nnunet_semisam.networks.kd_student import (build_kd_student, describe_kd_student, feature_shapes,
-                                                standardize_per_image, student_parameter_groups)
+from nnunet_semisam.networks.kd_student import (KDStudentTrainerMixin, feature_shapes, standardize_per_image,
+                                                student_parameter_groups)
 from nnunet_semisam.schedules import CosineLRScheduler
 from nnunet_semisam.teachers.cache import EmbeddingCache
 from nnunet_semisam.teachers.closed_loop import ClosedLoopTargets, SlidingWindowForeground
@@ -64,7 +64,7 @@ from nnunet_semisam.teachers.pseudolabels import CaseSource
 from nnunet_semisam.trainers.semi_supervised import LossTerms, SemiSupervisedTrainer
 
 
-class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
+class MedSAMMambaKDTrainer(KDStudentTrainerMixin, SemiSupervisedTrainer):
     loss_terms = ("supervised", "kd_l", "rd_l", "fbvm_l", "kd_u", "rd_u", "fbvm_u")
     compile_network = False
     compile_off_reason = ("FPKDM re-runs the student's later stages (`encode_from`) on perturbed features and the "
@@ -110,18 +110,6 @@ class MedSAMMambaKDTrainer(SemiSupervisedTrainer):
         self.polarity: list[float] | None = None
         self.pl_round = 0
         self.logger.local_logger.my_fantastic_logging.setdefault("pseudolabel_round", [])
-
-    # ------------------------------------------------------------------------------------------------ network
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
-        """The Tiny-MUNet student for these plans (`networks.kd_student`); no deep supervision."""
-        return build_kd_student(configuration_manager, num_input_channels, num_output_channels)
-
-    def initialize(self):
-        super().initialize()
-        self.print_to_log_file(describe_kd_student(self.configuration_manager, unwrap(self.network),
-                                                   self.num_input_channels, self.label_manager.num_segmentation_heads))
 
     # ------------------------------------------------------------------------------------------------ start-up checks
     #: allowed values of the method's string settings (checked by `preflight_checks`)

@@ -17,12 +17,12 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_semisam.errors import SemiSAMError
-from nnunet_semisam.networks.kd_student import build_kd_student, describe_kd_student, student_parameter_groups
+from nnunet_semisam.networks.kd_student import KDStudentTrainerMixin, student_parameter_groups
 from nnunet_semisam.trainers.short_schedules import (BENCH, DEMO, SMOKE, apply_schedule,
                                                     final_validation_skipped)
 
 
-class TinyMUNetTrainer(nnUNetTrainer):
+class TinyMUNetTrainer(KDStudentTrainerMixin, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -30,17 +30,6 @@ class TinyMUNetTrainer(nnUNetTrainer):
             raise SemiSAMError(f"{self.__class__.__name__} trains the 2D KD student (METHODS.md §3.3); configuration "
                                f"'{configuration}' is {len(self.configuration_manager.patch_size)}D: train '2d'")
         self.enable_deep_supervision = False  # Tiny-MUNet has a single output (§1.3)
-
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
-        """The KD student for these plans (`networks.kd_student`); `nnUNetv2_predict` rebuilds it through here."""
-        return build_kd_student(configuration_manager, num_input_channels, num_output_channels)
-
-    def initialize(self):
-        super().initialize()
-        self.print_to_log_file(describe_kd_student(self.configuration_manager, self.network, self.num_input_channels,
-                                                   self.label_manager.num_segmentation_heads))
 
     def configure_optimizers(self):
         """MedSAMMambaKDTrainer's SGD without its projectors: no weight decay for `A_log` and `D` (§4.6)."""

@@ -6,6 +6,9 @@
 - `StandardizedTinyMUNet`: TinyMUNet whose forward starts with `standardize_per_image`. No parameters are added, so
   its state dict is TinyMUNet's; `nnUNetv2_predict -tr MedSAMMambaKDTrainer` rebuilds it through the trainer's
   `build_network_architecture` and gets the same function.
+- `KDStudentTrainerMixin`: the trainer side, shared by MedSAMMambaKDTrainer and its control TinyMUNetTrainer so both
+  build and describe exactly the same student: `build_network_architecture` (also what `nnUNetv2_predict` calls)
+  and the `student: ...` line of the training log.
 - `tiny_munet_kwargs_from_plans(configuration_manager)`: TinyMUNet arguments for a configuration. With
   `nnUNetPlans_TinyMUNet` (planned by `TinyMUNetPlanner`) the planned `arch_kwargs`; with nnU-Net's default plans
   (PlainConvUNet / ResEnc) the paper channel plan (METHODS.md §3.3: 32, 64 | 64, 96, 128, 192) on the first
@@ -122,3 +125,19 @@ def feature_shapes(network: nn.Module, num_input_channels: int, patch_size, devi
     finally:
         network.train(was_training)
     return [(int(f.shape[1]), tuple(int(s) for s in f.shape[2:])) for f in feats]
+
+
+class KDStudentTrainerMixin:
+    """For nnU-Net trainers whose network is the KD student (module docstring); put it before the trainer base.
+    The trainer sets `enable_deep_supervision = False` itself (Tiny-MUNet has one output, METHODS.md §1.3)."""
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        """The student for these plans (`build_kd_student`); no deep supervision."""
+        return build_kd_student(configuration_manager, num_input_channels, num_output_channels)
+
+    def initialize(self):
+        super().initialize()
+        self.print_to_log_file(describe_kd_student(self.configuration_manager, self.network, self.num_input_channels,
+                                                   self.label_manager.num_segmentation_heads))
