@@ -10,15 +10,29 @@ from typing import Sequence
 import pytest
 
 
+def cpus_per_worker() -> int:
+    """This pytest process's share of the cores: all of them, or cores // workers under pytest-xdist."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+#: folder whose `sitecustomize.py` caps `multiprocessing.cpu_count()` in child processes (see that file)
+CHILD_SITE = Path(__file__).with_name("child_site")
+
+
 def nnunet_env(root: Path, **extra: str) -> dict[str, str]:
     """Environment for nnU-Net child processes with raw/preprocessed/results under `root`.
 
     One data-augmentation worker (`nnUNet_n_proc_DA=1`; 0 would break nnU-Net's planner) and no torch.compile
-    keep CPU runs short; `nnUNet_extTrainer` points at this plugin's trainers.
+    keep CPU runs short; `nnUNet_extTrainer` points at this plugin's trainers. The children see only this worker's
+    share of the cores (`tests/child_site/sitecustomize.py`): nnU-Net's CPU commands set torch's thread count to the
+    core count, and two xdist workers' commands would otherwise oversubscribe the machine 2x.
     """
     from nnunet_semisam.cli.trainers_path import trainers_path
 
     env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CHILD_SITE), env.get("PYTHONPATH", "")) if p)
+    env["nnUNet_semisam_test_cpus"] = str(cpus_per_worker())
     for k in ("raw", "preprocessed", "results"):
         (root / k).mkdir(parents=True, exist_ok=True)
     env.update(
@@ -173,6 +187,14 @@ SLOWEST_FIRST = (
     "trainers/test_bcp.py",
     "trainers/test_tiny_munet_trainer.py",
 )
+
+
+def pytest_configure(config):
+    """In-process torch work gets this worker's share of the cores too (two workers x all cores oversubscribe)."""
+    if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+        import torch
+
+        torch.set_num_threads(cpus_per_worker())
 
 
 def pytest_collection_modifyitems(config, items):
