@@ -1,7 +1,9 @@
 """Semi-SAM+ on nnU-Net (METHODS.md §5.1-5.7): Slicing-SAM3D student, foundation-model teacher, EMA, three phases.
 
-Student: `SlicingSAM3D` (§5.2; frozen LiteMedSAM TinyViT per Z-slice at side `sam_slice_size`, trainable 3D decoder),
-built from the plans in `build_network_architecture`, so `nnUNetv2_predict` rebuilds it. Per step:
+Student: `SlicingSAM3D` (§5.2; a frozen 2D encoder per Z-slice at side `sam_slice_size`, trainable 3D decoder; the
+encoder is LiteMedSAM's TinyViT, or MedSAM ViT-B from `$SEMISAM_TEACHER` in `SemiSAMPlusTrainer_medsamEncoder` /
+plans key `sam_encoder`), built from the plans in `build_network_architecture`, so `nnUNetv2_predict` rebuilds it.
+Per step:
 
 - Phase 0 (warm-up, first 25 % of the epochs): `L_sup` (nnU-Net DC + CE) on the labeled batch, lr 2e-3 constant.
 - Phase 1 (semi-supervised, next 50 %): `L_sup + lambda(t) L_con + beta(t) L_rs-con`. `L_con` = MSE between the
@@ -32,7 +34,7 @@ from nnunet_semisam.distributed import unwrap
 from nnunet_semisam.losses.consistency import gaussian_input_noise, softmax_mse
 from nnunet_semisam.losses.semisam_plus import (beta_rampdown, lambda_rampup, offline_rs_consistency, phase_at,
                                                 phase_bounds, phase_lr, rs_consistency)
-from nnunet_semisam.networks.slicing_sam3d import SlicingSAM3D, litemedsam_slice_encoder
+from nnunet_semisam.networks.slicing_sam3d import SlicingSAM3D, build_slice_encoder
 from nnunet_semisam.teachers.algorithm2 import algorithm2
 from nnunet_semisam.teachers.ema import EMATeacher
 from nnunet_semisam.teachers.teacher_sets import build_teacher_set, check_teacher_set, point_mode
@@ -60,6 +62,7 @@ class SemiSAMPlusTrainer(SemiSupervisedTrainer):
     compile_network = False
     compile_off_reason = "validation and checkpoints swap in the EMA decoder"
     sam_slice_size = 64  # S of the student's encoder input; plans key `sam_slice_size` overrides (256 on a GPU)
+    slice_encoder = "litemedsam"  # the frozen student encoder (`SLICE_ENCODERS`); plans key `sam_encoder` overrides
     teacher_set: tuple[str, ...] = ("litemedsam",)  # Algorithm 2 teachers (`teachers.teacher_sets`, §5.4)
     teacher_options: dict = {}  # per teacher: model configuration of a non-default checkpoint
 
@@ -84,10 +87,12 @@ class SemiSAMPlusTrainer(SemiSupervisedTrainer):
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
-        """SlicingSAM3D with the LiteMedSAM TinyViT at side `sam_slice_size` (plans, else the class default)."""
-        size = int(configuration_manager.configuration.get("sam_slice_size", cls.sam_slice_size))
-        channel = int(configuration_manager.configuration.get("sam_channel", 0))
-        return SlicingSAM3D(litemedsam_slice_encoder(size), num_output_channels, size, sam_channel=channel)
+        """SlicingSAM3D with the frozen encoder `sam_encoder` at side `sam_slice_size` (plans, else the class
+        defaults `slice_encoder`, `sam_slice_size`)."""
+        cfg = configuration_manager.configuration
+        size = int(cfg.get("sam_slice_size", cls.sam_slice_size))
+        encoder = build_slice_encoder(str(cfg.get("sam_encoder", cls.slice_encoder)), size)
+        return SlicingSAM3D(encoder, num_output_channels, size, sam_channel=int(cfg.get("sam_channel", 0)))
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """No deep supervision in this network."""
@@ -306,6 +311,13 @@ class SemiSAMPlusTrainer_samMed3d_medsam2(SemiSAMPlusTrainer):
     teacher_set = ("sam-med3d", "medsam2")
 
 
+class SemiSAMPlusTrainer_medsamEncoder(SemiSAMPlusTrainer):
+    """The manual's student: MedSAM ViT-B (`$SEMISAM_TEACHER`, a local checkpoint) as the frozen slice encoder at
+    S = 256 (§5.2: pos_embed resized to 16 x 16, three up-stages); a GPU-sized setting."""
+    slice_encoder = "medsam"
+    sam_slice_size = 256
+
+
 class SemiSAMPlusTrainer_smoke(SemiSAMPlusTrainer):
     """4 epochs x 3 iterations (phases: epoch 0 / 1-2 / 3), slice size 16, one teacher call per Phase-1 epoch on one
     sample, a 2-slice slab, N = 1: the mechanics in about a minute on a CPU, for tests."""
@@ -321,6 +333,10 @@ class SemiSAMPlusTrainer_smoke(SemiSAMPlusTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.inference_allowed_mirroring_axes = None  # no test-time mirroring in the final validation: 8x fewer passes
         super().perform_actual_validation(save_probabilities)
+
+
+class SemiSAMPlusTrainer_offline_smoke(SemiSAMPlusTrainer_offline, SemiSAMPlusTrainer_smoke):
+    """`_offline` on the smoke schedule (the stored pseudo-labels instead of the teacher), for tests."""
 
 
 class SemiSAMPlusTrainer_demo(SemiSAMPlusTrainer):

@@ -6,7 +6,8 @@ Forward of a patch `x` (B, C, Z, Y, X):
    at 1e-8), replicated to 3 channels, bilinear (align_corners=False) to `S x S` (`slice_size`).
 2. The frozen encoder (eval, `no_grad`, `requires_grad=False`) on the B*Z slices in chunks gives (B*Z, D, g, g);
    stacked back to the feature volume E (B, D, Z, g, g). Default encoder: LiteMedSAM's TinyViT (METHODS.md §2.8)
-   built for side S with the official weights (`LiteMedSAMTeacher.encoder_for(S)`), D = 256, g = S/4.
+   built for side S with the official weights (`LiteMedSAMTeacher.encoder_for(S)`), D = 256, g = S/4; or MedSAM
+   ViT-B from a local checkpoint (`SAMViTSliceEncoder`, pos_embed resized to the grid, §2.5), D = 256, g = S/16.
 3. Decoder (IN = InstanceNorm3d(affine), LReLU(0.01)): Conv1^3(D->128)+IN+LReLU, a residual block of
    2 x [Conv3^3(128->128)+IN+LReLU]; `n_up` up-stages, each: trilinear x(1, 2, 2), Conv3^3(c->c/2)+IN+LReLU, concat the
    (1-channel) normalised input resized to that grid, Conv3^3(c/2+1->c/2)+IN+LReLU; Conv1^3(->K). `n_up` is what the
@@ -59,6 +60,67 @@ def litemedsam_slice_encoder(slice_size: int, device: str | torch.device = "cpu"
     from nnunet_semisam.teachers.litemedsam import LiteMedSAMTeacher
 
     return TinyViTSliceEncoder(LiteMedSAMTeacher.from_package(device=device).encoder_for(int(slice_size)))
+
+
+class SAMViTSliceEncoder(nn.Module):
+    """A SAM / MedSAM ViT image encoder (`segment_anything`'s `ImageEncoderViT`) for square inputs of side S, a
+    multiple of 16: (N, 3, S, S) in [0, 1] -> (N, C_neck, S/16, S/16) (METHODS.md §2.5, §5.2).
+
+    The absolute `pos_embed` (64 x 64 for SAM's 1024 input) is resized bicubically to the S/16 grid
+    (`teachers.medsam.interpolate_pos_embed`), the global-attention rel-pos tables by SAM's own `get_rel_pos`, the
+    window blocks pad to multiples of 14; at S = 1024 this is exactly `ImageEncoderViT.forward`. The input is MedSAM's
+    [0, 1] image (no pixel mean / std), as MedSAM's own inference feeds its encoder."""
+
+    stride = 16
+
+    def __init__(self, image_encoder: nn.Module):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.out_channels = int(image_encoder.neck[0].out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from nnunet_semisam.teachers.medsam import interpolate_pos_embed
+
+        enc = self.image_encoder
+        t = enc.patch_embed(x)
+        if enc.pos_embed is not None:
+            t = t + interpolate_pos_embed(enc.pos_embed, tuple(t.shape[1:3]))
+        for block in enc.blocks:
+            t = block(t)
+        return enc.neck(t.permute(0, 3, 1, 2))
+
+
+SLICE_ENCODERS = ("litemedsam", "medsam")
+
+
+def medsam_slice_encoder(checkpoint: str | None = None, device: str | torch.device = "cpu") -> SAMViTSliceEncoder:
+    """MedSAM ViT-B's image encoder from a local checkpoint: `checkpoint`, else `$SEMISAM_TEACHER` (the file the
+    `medsam` Algorithm 2 teacher reads too; nothing is downloaded), through the one SAM loader
+    `teachers.sam_models.load_sam_checkpoint` (any SAM ViT it detects)."""
+    import os
+
+    from nnunet_semisam.errors import SemiSAMError
+    from nnunet_semisam.teachers.sam_models import load_sam_checkpoint
+    from nnunet_semisam.teachers.teacher_sets import CHECKPOINT_ENV
+
+    env = CHECKPOINT_ENV["medsam"]
+    path = checkpoint or os.environ.get(env)
+    if not path:
+        raise SemiSAMError(f"the MedSAM ViT-B slice encoder needs ${env} = a local checkpoint file (nothing is "
+                           "downloaded)")
+    sam, _, _ = load_sam_checkpoint(path, device=device)
+    return SAMViTSliceEncoder(sam.image_encoder)
+
+
+def build_slice_encoder(name: str, slice_size: int, device: str | torch.device = "cpu") -> nn.Module:
+    """The frozen encoder `name` (`SLICE_ENCODERS`): 'litemedsam' (default, installed weights) or 'medsam'."""
+    from nnunet_semisam.errors import SemiSAMError
+
+    if name == "litemedsam":
+        return litemedsam_slice_encoder(slice_size, device)
+    if name == "medsam":
+        return medsam_slice_encoder(device=device)
+    raise SemiSAMError(f"unknown slice encoder {name!r}; choose one of {', '.join(SLICE_ENCODERS)}")
 
 
 class SlicingSAM3D(nn.Module):

@@ -1,7 +1,10 @@
 """SemiSAMPlusTrainer (METHODS.md §5) through the real nnU-Net commands on `tiny3d`: train the smoke schedule
 (phases 0 / 1 / 2 = epochs 0 / 1-2 / 3), kill it in the middle of Phase 1, resume with `--c`, then
-`nnUNetv2_predict` (which rebuilds SlicingSAM3D from the trainer) and `nnunet-semisam evaluate`."""
+`nnUNetv2_predict` (which rebuilds SlicingSAM3D from the trainer) and `nnunet-semisam evaluate`; then the `_offline`
+variant on Algorithm 2 pseudo-labels that `nnunet-semisam pseudolabel --prompts student --aug 1` made with that
+trained student."""
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -69,3 +72,33 @@ def test_semisam_plus_kill_mid_phase_resume_predict_evaluate(tiny3d, tmp_path):
     run_cmd(["nnunet-semisam", "evaluate", str(pred), str(raw / "labelsTs")], env)
     metrics = json.loads((pred / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["n_cases"] == 2
+    check_offline_variant(env, tmp_path, fold.parent)
+
+
+def check_offline_variant(env: dict, tmp_path: Path, student_model: Path) -> None:
+    """`pseudolabel --prompts student --aug 1` on the unlabeled volumes (a small random SAM as the teacher: its
+    quality is irrelevant here) into a copy of the preprocessed dataset, then `SemiSAMPlusTrainer_offline_smoke`
+    trains on the stored maps: L_rs-con on every Phase-1 step, no teacher built."""
+    from nnunet_semisam.teachers.sam_models import TINY_ARCH, build_sam_custom, save_sam_checkpoint
+
+    pre = tmp_path / "preprocessed"
+    shutil.copytree(Path(env["nnUNet_preprocessed"]) / "Dataset991_Synth3D", pre / "Dataset991_Synth3D")
+    env = {**env, "nnUNet_preprocessed": str(pre)}
+    torch.manual_seed(0)
+    save_sam_checkpoint(build_sam_custom(**TINY_ARCH), tmp_path / "sam.pth", "semisam_tiny", arch=TINY_ARCH)
+    run_cmd(["nnunet-semisam", "pseudolabel", "-d", "991", "-c", "3d_fullres", "--teacher", "medsam", "--checkpoint",
+             str(tmp_path / "sam.pth"), "--prompts", "student", "--student-model", str(student_model),
+             "--cases", "unlabeled", "--aug", "1", "--device", "cpu", "--quiet"], env)
+    store = pre / "Dataset991_Synth3D" / "nnUNetPlans_3d_fullres_pseudolabels"
+    manifest = json.loads((store / "manifest.json").read_text(encoding="utf-8"))
+    assert len(manifest["cases"]) == 4 and len(list(store.glob("*.npz"))) == 4  # tiny3d's 4 unlabeled volumes
+
+    trainer = "SemiSAMPlusTrainer_offline_smoke"
+    run_cmd(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
+    fold = Path(env["nnUNet_results"]) / "Dataset991_Synth3D" / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+    log = training_log(fold)
+    assert "Algorithm 2 teachers" not in log, "the offline variant builds no teacher"
+    epochs = logged_terms(log)
+    assert len(epochs) == 4 and all(epochs[e]["rs_consistency"][1] > 0 for e in (1, 2))  # every Phase-1 epoch
+    assert epochs[0]["rs_consistency"][1] == 0 and epochs[3]["rs_consistency"][1] == 0
+    assert (fold / "checkpoint_final.pth").is_file()
