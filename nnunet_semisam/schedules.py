@@ -58,3 +58,16 @@ class CosineLRScheduler(LRScheduler):
 
     def get_last_lr(self) -> list[float]:
         return self._last_lr
+
+
+class EpochLR:
+    """nnU-Net's `lr_scheduler.step(current_epoch)` protocol over any function of the epoch: every param group of
+    `optimizer` gets `lr_at(epoch)` (Semi-SAM+'s `losses.semisam_plus.phase_lr`, METHODS.md §5.7)."""
+
+    def __init__(self, optimizer, lr_at):
+        self.optimizer, self.lr_at = optimizer, lr_at
+
+    def step(self, current_epoch: int) -> None:
+        lr = float(self.lr_at(current_epoch))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr

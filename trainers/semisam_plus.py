@@ -21,9 +21,9 @@ and the phase are in `semisam`, so `--c` resumes mid-phase. Optimizer AdamW (0.9
 CPU cost: `teacher_every` runs Algorithm 2 on every k-th Phase-1 step only (steps in between have no L_rs-con term;
 1 = the manual's every step), on at most `teacher_max_samples` samples of the unlabeled batch and, with
 `teacher_slab` = k, on the k slices around M_c's largest slice (M_conf = 0 elsewhere); the defaults are the manual's.
-Offline variant (`SemiSAMPlusTrainer_offline`): Pseudo / M_conf made beforehand by `nnunet-semisam pseudolabel --aug N`
-(Algorithm 2 with prompts from a trained student) are read through the pseudo-label store and travel with each
-unlabeled patch as extra channels (`nnunet_semisam.data.soft_targets`); no teacher runs during training.
+Variants (`semisam_plus_variants.py`): `_offline` reads Pseudo / M_conf made beforehand by `nnunet-semisam
+pseudolabel --aug N` (Algorithm 2 with prompts from a trained student) through the pseudo-label store, carried with
+each unlabeled patch as extra channels (`nnunet_semisam.data.soft_targets`); no teacher runs during training.
 """
 from __future__ import annotations
 
@@ -32,29 +32,16 @@ import torch
 
 from nnunet_semisam.distributed import unwrap
 from nnunet_semisam.losses.consistency import gaussian_input_noise, softmax_mse
-from nnunet_semisam.losses.semisam_plus import (beta_rampdown, lambda_rampup, offline_rs_consistency, phase_at,
-                                                phase_bounds, phase_lr, rs_consistency)
+from nnunet_semisam.losses.semisam_plus import (beta_rampdown, lambda_rampup, phase_at, phase_bounds, phase_lr,
+                                                rs_consistency)
 from nnunet_semisam.networks.slicing_sam3d import SlicingSAM3D, build_slice_encoder
-from nnunet_semisam.teachers.algorithm2 import algorithm2
+from nnunet_semisam.schedules import EpochLR
+from nnunet_semisam.teachers.algorithm2 import algorithm2_batch
 from nnunet_semisam.teachers.ema import EMATeacher
 from nnunet_semisam.teachers.teacher_sets import build_teacher_set, check_teacher_set, point_mode
 from nnunet_semisam.trainers.semi_supervised import LossTerms, SemiSupervisedTrainer, split_batch
-from nnunet_semisam.trainers.short_schedules import DEMO, apply_schedule
 
 PHASE_NAMES = ("warm-up (labeled only)", "semi-supervised", "fine-tune against the frozen EMA")
-
-
-class PhaseLR:
-    """nnU-Net's `lr_scheduler.step(epoch)` protocol over `phase_lr` (§5.7)."""
-
-    def __init__(self, trainer: "SemiSAMPlusTrainer"):
-        self.trainer = trainer
-
-    def step(self, epoch: int) -> None:
-        t = self.trainer
-        lr = phase_lr(epoch, t.num_epochs, t.phase_fractions, t.initial_lr, t.finetune_lr)
-        for group in t.optimizer.param_groups:
-            group["lr"] = lr
 
 
 class SemiSAMPlusTrainer(SemiSupervisedTrainer):
@@ -105,7 +92,8 @@ class SemiSAMPlusTrainer(SemiSupervisedTrainer):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(unwrap(self.network).decoder_parameters(), lr=self.initial_lr, betas=(0.9, 0.999),
                                 weight_decay=self.weight_decay)
-        return opt, PhaseLR(self)
+        return opt, EpochLR(opt, lambda epoch: phase_lr(epoch, self.num_epochs, self.phase_fractions,
+                                                        self.initial_lr, self.finetune_lr))
 
     # ------------------------------------------------------------------------------------------------ teachers
     def preflight_checks(self) -> None:
@@ -174,36 +162,22 @@ class SemiSAMPlusTrainer(SemiSupervisedTrainer):
         return self.rs_consistency_term(logits_u, batch_u["weak"])
 
     def rs_consistency_term(self, logits_u: torch.Tensor, weak: torch.Tensor) -> torch.Tensor:
-        """Algorithm 1 + 2 and L_rs-con (§5.3-5.5), per foreground class, averaged over the classes."""
+        """Algorithm 1 (M_c = the strong-view argmax; binary: p_fg > 0.5), Algorithm 2 on the weak view inside
+        `teacher_slab`, L_rs-con (§5.3-5.5) per foreground class, averaged over the classes."""
         if self.teachers is None:
             self.teachers = self.build_teachers()
         probs = torch.softmax(logits_u.float(), 1)
-        labels = probs.detach().argmax(1).cpu().numpy()
         m = probs.shape[0] if self.teacher_max_samples is None else min(probs.shape[0], self.teacher_max_samples)
-        weak_np = weak[:m].detach().float().cpu().numpy()
+        labels = probs[:m].detach().argmax(1).cpu().numpy()
+        volumes = [self.teacher_volume(w) for w in weak[:m].detach().float().cpu().numpy()]
         losses = []
         for c in range(1, probs.shape[1]):
-            pseudo, conf = np.zeros((m, *labels.shape[1:]), np.float32), np.zeros((m, *labels.shape[1:]), bool)
-            for b in range(m):
-                mc = labels[b] == c  # Algorithm 1: M_c from the strong-view prediction (binary: p_fg > 0.5)
-                zs = self.slab(mc)
-                pseudo[b][zs], conf[b][zs] = algorithm2(self.teacher_volume(weak_np[b])[zs], mc[zs], self.teachers,
-                                                        self.rng, n_aug=self.n_aug, u_th=self.u_th,
-                                                        point_mode=point_mode(self.teacher_set))
-                self.pl_stats.append((float(conf[b].mean()), float(pseudo[b][conf[b]].mean()) if conf[b].any()
-                                      else 0.0))
+            pseudo, conf = algorithm2_batch(volumes, labels == c, self.teachers, self.rng, slab=self.teacher_slab,
+                                            n_aug=self.n_aug, u_th=self.u_th, point_mode=point_mode(self.teacher_set))
+            self.pl_stats += [(float(k.mean()), float(p[k].mean()) if k.any() else 0.0) for p, k in zip(pseudo, conf)]
             losses.append(rs_consistency(probs[:m, c], torch.from_numpy(pseudo).to(probs.device),
                                          torch.from_numpy(conf).to(probs.device)))
         return torch.stack(losses).mean()
-
-    def slab(self, mc: np.ndarray) -> slice:
-        """Z-range the teacher sees: all slices, or `teacher_slab` slices centred on M_c's largest slice (outside
-        it M_conf = 0: no pseudo-label)."""
-        z = mc.shape[0]
-        if not self.teacher_slab or self.teacher_slab >= z:
-            return slice(0, z)
-        z0 = int(np.clip(int(mc.sum((1, 2)).argmax()) - self.teacher_slab // 2, 0, z - self.teacher_slab))
-        return slice(z0, z0 + self.teacher_slab)
 
     def after_optimizer_step(self) -> None:
         if self.phase == 0:  # theta' = theta until Phase 1 starts (§5.6)
@@ -254,98 +228,3 @@ class SemiSAMPlusTrainer(SemiSupervisedTrainer):
             self.frozen_target.model.load_state_dict(state["frozen_target"])
         self.print_to_log_file(f"Semi-SAM+ resumed in phase {state['phase']} at t_it={self.global_step}; EMA, "
                                f"student{' and frozen target' if 'frozen_target' in state else ''} restored")
-
-
-class SemiSAMPlusTrainer_offline(SemiSAMPlusTrainer):
-    """L_rs-con against the stored pseudo-labels of `nnunet-semisam pseudolabel --aug N` (same plans and
-    configuration), on every Phase-1 step; the rest is `SemiSAMPlusTrainer`."""
-
-    @property
-    def store_folder(self) -> str:
-        from nnunet_semisam.data.pseudolabel_store import pseudolabel_folder
-        return str(pseudolabel_folder(self.plans_manager.dataset_name, self.plans_manager.plans_name,
-                                      self.configuration_name))
-
-    def preflight_checks(self) -> None:
-        import os
-        from nnunet_semisam.errors import SemiSAMError
-        super().preflight_checks()
-        if not os.path.isfile(os.path.join(self.store_folder, "manifest.json")):
-            raise SemiSAMError(f"{self.store_folder} holds no pseudo-labels: run nnunet-semisam pseudolabel -d "
-                               f"{self.dataset_id} -c {self.configuration_name} -p {self.plans_manager.plans_name} "
-                               "--cases unlabeled --prompts student --aug 4 first")
-
-    def unlabeled_dataset(self, cases: list[str]):
-        from nnunet_semisam.data.soft_targets import SoftTargetDataset
-        return SoftTargetDataset(self.unlabeled_folder, cases, store_folder=self.store_folder)
-
-    def get_training_transforms(self, *args, **kwargs):
-        from nnunet_semisam.data.soft_targets import image_channels_only
-        return image_channels_only(super().get_training_transforms(*args, **kwargs), self.num_image_channels)
-
-    def rs_consistency_now(self, logits_u: torch.Tensor, batch_u: dict) -> torch.Tensor:
-        """L_rs-con against the stored Pseudo / M_conf (foreground = 1 - p_background), every Phase-1 step."""
-        p_fg = 1 - torch.softmax(logits_u.float(), 1)[:, 0]
-        loss, share = offline_rs_consistency(p_fg, batch_u["extra"])
-        self.pl_stats.append((share, 0.0))
-        return loss
-
-
-class SemiSAMPlusTrainer_medsam(SemiSAMPlusTrainer):
-    """MedSAM ViT-B slice-wise from `$SEMISAM_TEACHER` (§5.4 teacher sets)."""
-    teacher_set = ("medsam",)
-
-
-class SemiSAMPlusTrainer_samMed3d(SemiSAMPlusTrainer):
-    """SAM-Med3D from `$SEMISAM_SAM_MED3D`, the manual's default teacher (2N masks)."""
-    teacher_set = ("sam-med3d",)
-
-
-class SemiSAMPlusTrainer_medsam2(SemiSAMPlusTrainer):
-    """LiteMedSAM + MedSAM2 from `$SEMISAM_MEDSAM2` (4N masks)."""
-    teacher_set = ("litemedsam", "medsam2")
-
-
-class SemiSAMPlusTrainer_samMed3d_medsam2(SemiSAMPlusTrainer):
-    """SAM-Med3D + MedSAM2, the manual's full setting (4N masks)."""
-    teacher_set = ("sam-med3d", "medsam2")
-
-
-class SemiSAMPlusTrainer_medsamEncoder(SemiSAMPlusTrainer):
-    """The manual's student: MedSAM ViT-B (`$SEMISAM_TEACHER`, a local checkpoint) as the frozen slice encoder at
-    S = 256 (§5.2: pos_embed resized to 16 x 16, three up-stages); a GPU-sized setting."""
-    slice_encoder = "medsam"
-    sam_slice_size = 256
-
-
-class SemiSAMPlusTrainer_smoke(SemiSAMPlusTrainer):
-    """4 epochs x 3 iterations (phases: epoch 0 / 1-2 / 3), slice size 16, one teacher call per Phase-1 epoch on one
-    sample, a 2-slice slab, N = 1: the mechanics in about a minute on a CPU, for tests."""
-    sam_slice_size = 16
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, dict(num_epochs=4, num_iterations_per_epoch=3, num_val_iterations_per_epoch=1))
-        self.rampup_epochs, self.rampdown_epochs = 1.0, 4.0
-        self.n_aug, self.teacher_every, self.teacher_max_samples, self.teacher_slab = 1, 3, 1, 2
-
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        self.inference_allowed_mirroring_axes = None  # no test-time mirroring in the final validation: 8x fewer passes
-        super().perform_actual_validation(save_probabilities)
-
-
-class SemiSAMPlusTrainer_offline_smoke(SemiSAMPlusTrainer_offline, SemiSAMPlusTrainer_smoke):
-    """`_offline` on the smoke schedule (the stored pseudo-labels instead of the teacher), for tests."""
-
-
-class SemiSAMPlusTrainer_demo(SemiSAMPlusTrainer):
-    """The schedule of `nnUNetTrainer_demo`, slice size 32, the teacher every 5th Phase-1 step, N = 2."""
-    sam_slice_size = 32
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, DEMO)
-        self.rampup_epochs, self.rampdown_epochs = 2.0, 8.0
-        self.n_aug, self.teacher_every, self.teacher_max_samples, self.teacher_slab = 2, 5, 1, 4

@@ -127,6 +127,33 @@ def algorithm2(
     return (pseudo, conf, stack) if return_predictions else (pseudo, conf)
 
 
+def slab_around_largest_slice(mask: np.ndarray, k: int | None) -> slice:
+    """Z-range of a (Z, Y, X) mask that the teacher sees (METHODS.md §5.4, CPU cost control): every slice when `k`
+    is None / 0 or at least Z, else the `k` slices centred on the slice with the most mask voxels, shifted to stay
+    inside the volume."""
+    z = mask.shape[0]
+    if not k or k >= z:
+        return slice(0, z)
+    z0 = int(np.clip(int(mask.sum((1, 2)).argmax()) - k // 2, 0, z - k))
+    return slice(z0, z0 + k)
+
+
+def algorithm2_batch(volumes: Sequence[np.ndarray], coarse_masks: np.ndarray,
+                     teacher: PromptableTeacher | Sequence[PromptableTeacher], rng: np.random.Generator,
+                     slab: int | None = None, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """`algorithm2` on each sample of a batch, for one class, inside `slab_around_largest_slice(M_c, slab)`.
+
+    volumes: m teacher inputs (Z, Y, X) (or (C, Z, Y, X)); coarse_masks: M_c (m, Z, Y, X) bool; `kwargs` go to
+    `algorithm2` (n_aug, u_th, point_mode, ...); the samples draw from `rng` in order. Returns Pseudo (m, Z, Y, X)
+    float32 and M_conf (m, Z, Y, X) bool, 0 / False outside each sample's slab (no pseudo-label there).
+    """
+    pseudo, conf = np.zeros(coarse_masks.shape, np.float32), np.zeros(coarse_masks.shape, bool)
+    for b, volume in enumerate(volumes):
+        zs = slab_around_largest_slice(coarse_masks[b], slab)
+        pseudo[b][zs], conf[b][zs] = algorithm2(volume[..., zs, :, :], coarse_masks[b][zs], teacher, rng, **kwargs)
+    return pseudo, conf
+
+
 class MedSAMSliceTeacher:
     """`PromptableTeacher` over a 2D `MedSAMTeacher`, slice by slice along Z (2D data: Z = 1).
 

@@ -59,3 +59,17 @@ def test_offline_rs_consistency_from_extra_channels():
                            [1.0, 1.0, 1.0, 0.2]]])   # valid: the last voxel is outside the image
     loss, share = offline_rs_consistency(p, extra)
     assert loss.item() == pytest.approx((0.1 ** 2 + 0.2 ** 2) / 2) and share == 0.5
+
+
+def test_epoch_lr_sets_every_group_from_the_function():
+    import torch
+
+    from nnunet_semisam.losses.semisam_plus import phase_lr
+    from nnunet_semisam.schedules import EpochLR
+
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [w]}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0}], lr=0.5)
+    sched = EpochLR(opt, lambda e: phase_lr(e, 200))
+    for epoch, lr in ((0, 2e-3), (100, 2e-3 * 0.5 ** 0.9), (150, 2e-4)):
+        sched.step(epoch)
+        assert [g["lr"] for g in opt.param_groups] == [pytest.approx(lr)] * 2

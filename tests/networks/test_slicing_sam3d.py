@@ -141,7 +141,8 @@ def test_medsam_encoder_variant_and_plans_key_build_the_vit_student(small_sam_ch
     build the ViT student (what `nnUNetv2_predict` rebuilds)."""
     from conftest import tiny_configuration
     from nnunet_semisam.networks.slicing_sam3d import SAMViTSliceEncoder
-    from nnunet_semisam.trainers.semisam_plus import SemiSAMPlusTrainer, SemiSAMPlusTrainer_medsamEncoder
+    from nnunet_semisam.trainers.semisam_plus import SemiSAMPlusTrainer
+    from nnunet_semisam.trainers.semisam_plus_variants import SemiSAMPlusTrainer_medsamEncoder
 
     monkeypatch.setenv("SEMISAM_TEACHER", str(small_sam_checkpoint[1]))
     cm = tiny_configuration(3)

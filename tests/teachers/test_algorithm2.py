@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from nnunet_semisam.teachers.algorithm2 import LatticeTransform, MedSAMSliceTeacher, algorithm2, weak_aug
+from nnunet_semisam.teachers.algorithm2 import (LatticeTransform, MedSAMSliceTeacher, algorithm2, algorithm2_batch,
+                                               slab_around_largest_slice, weak_aug)
 
 
 class EchoTeacher:
@@ -126,3 +127,39 @@ def test_medsam_slice_teacher_adapter_slicewise_points_and_boxes():
     assert oracle.embeds == 2                       # only slice 1 was ever encoded, once per augmentation
     with pytest.raises(ValueError):
         MedSAMSliceTeacher(oracle, mask_prompt="scribble")
+
+
+def test_slab_around_the_largest_slice_by_hand():
+    m = np.zeros((10, 4, 4), bool)
+    m[2, :2, :2] = True  # 4 voxels
+    m[7, :, :3] = True   # 12 voxels: the largest slice
+    assert slab_around_largest_slice(m, None) == slice(0, 10) == slab_around_largest_slice(m, 0)
+    assert slab_around_largest_slice(m, 12) == slice(0, 10)
+    assert slab_around_largest_slice(m, 4) == slice(5, 9)    # 7 - 4 // 2 = 5
+    assert slab_around_largest_slice(m, 7) == slice(3, 10)   # 7 - 3 = 4 would end at 11: shifted inside
+    m[7] = False
+    m[0, 0, 0] = True
+    assert slab_around_largest_slice(m, 3) == slice(1, 4)    # largest slice 2 -> 1..3
+
+
+def test_algorithm2_batch_is_per_sample_algorithm2_inside_the_slab():
+    """The batch version equals `algorithm2` on each sample's slab with the same random stream, and leaves
+    Pseudo = 0, M_conf = False outside the slab; an empty M_c costs no teacher call."""
+    shape = (6, 8, 8)
+    masks = np.zeros((3, *shape), bool)
+    masks[0, 1:3, 2:6, 2:6] = True
+    masks[1, 3:6, 1:4, 1:7] = True  # sample 2 stays empty
+    volumes = [np.random.default_rng(i).random(shape).astype(np.float32) for i in range(3)]
+    teacher = EchoTeacher()
+    pseudo, conf = algorithm2_batch(volumes, masks, teacher, np.random.default_rng(5), slab=2, n_aug=2, u_th=0.05)
+    assert pseudo.shape == conf.shape == masks.shape and teacher.calls == 4  # 2 samples x N = 2
+    rng = np.random.default_rng(5)
+    for b, zs in ((0, slice(0, 2)), (1, slice(2, 4))):  # argmax: first largest slice, minus k // 2
+        assert slab_around_largest_slice(masks[b], 2) == zs
+        ref_p, ref_c = algorithm2(volumes[b][zs], masks[b][zs], EchoTeacher(), rng, n_aug=2, u_th=0.05)
+        np.testing.assert_array_equal(pseudo[b][zs], ref_p)
+        np.testing.assert_array_equal(conf[b][zs], ref_c)
+        outside = np.ones(shape[0], bool)
+        outside[zs] = False
+        assert not conf[b][outside].any() and not pseudo[b][outside].any()
+    assert not conf[2].any() and not pseudo[2].any()

@@ -84,7 +84,7 @@ def test_point_mode_follows_the_set():
 def test_semisam_plus_variants_name_their_sets_and_fail_at_start_without_weights(variant, names, env, monkeypatch):
     """One variant per teacher set; its start-up check (`preflight_checks` -> `check_teacher_set`) names the unset
     variable in one line."""
-    from nnunet_semisam.trainers import semisam_plus
+    from nnunet_semisam.trainers import semisam_plus_variants as semisam_plus
 
     cls = getattr(semisam_plus, variant)
     assert cls.teacher_set == names
