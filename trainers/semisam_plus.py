@@ -67,7 +67,7 @@ class SemiSAMPlusTrainer(SemiSupervisedTrainer):
         self.ema: EMATeacher | None = None
         self.frozen_target: EMATeacher | None = None
         self.teachers = None
-        self.rng = np.random.default_rng(12345 + fold)
+        self.rng = np.random.default_rng(12345 + (fold if isinstance(fold, int) else 5))  # fold 'all': 12350
         self.pl_stats: list[tuple[float, float]] = []  # per teacher call: (coverage of M_conf, mean Pseudo)
 
     # ------------------------------------------------------------------------------------------------ network

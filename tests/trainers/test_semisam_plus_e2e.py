@@ -78,7 +78,7 @@ def test_semisam_plus_kill_mid_phase_resume_predict_evaluate(tiny3d, tmp_path):
 def check_offline_variant(env: dict, tmp_path: Path, student_model: Path) -> None:
     """`pseudolabel --prompts student --aug 1` on the unlabeled volumes (a small random SAM as the teacher: its
     quality is irrelevant here) into a copy of the preprocessed dataset, then `SemiSAMPlusTrainer_offline_smoke`
-    trains on the stored maps: L_rs-con on every Phase-1 step, no teacher built."""
+    trains on the stored maps (fold 'all'): L_rs-con on every Phase-1 step, no teacher built."""
     from nnunet_semisam.teachers.sam_models import TINY_ARCH, build_sam_custom, save_sam_checkpoint
 
     pre = tmp_path / "preprocessed"
@@ -93,9 +93,9 @@ def check_offline_variant(env: dict, tmp_path: Path, student_model: Path) -> Non
     manifest = json.loads((store / "manifest.json").read_text(encoding="utf-8"))
     assert len(manifest["cases"]) == 4 and len(list(store.glob("*.npz"))) == 4  # tiny3d's 4 unlabeled volumes
 
-    trainer = "SemiSAMPlusTrainer_offline_smoke"
-    run_cmd(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
-    fold = Path(env["nnUNet_results"]) / "Dataset991_Synth3D" / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+    trainer = "SemiSAMPlusTrainer_offline_smoke"  # fold 'all', as `nnunet-semisam benchmark` trains
+    run_cmd(["nnUNetv2_train", "991", "3d_fullres", "all", "-tr", trainer, "-device", "cpu"], env)
+    fold = Path(env["nnUNet_results"]) / "Dataset991_Synth3D" / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_all"
     log = training_log(fold)
     assert "Algorithm 2 teachers" not in log, "the offline variant builds no teacher"
     epochs = logged_terms(log)
