@@ -15,7 +15,7 @@ from torch import nn
 
 from nnunet_semisam.networks.mamba import cpu_kernel
 from nnunet_semisam.networks.mamba.chunked import _scan_tokens_nograd, selective_scan_chunked
-from nnunet_semisam.networks.mamba.dispatch import _announce, _mamba_ssm_ops, _requested, mamba_backend
+from nnunet_semisam.networks.mamba.dispatch import _announce, _mamba_ssm_ops, mamba_backend
 from nnunet_semisam.networks.mamba.reference import _LOG2_E, _softplus, selective_scan_flops
 
 
@@ -32,7 +32,7 @@ class Mamba(nn.Module):
     inference_params) is not implemented. In training, the CPU scans (numba kernel, pure-PyTorch `_SelectiveScanFn`)
     store their inputs and the chunk-entry states and recompute the (B, E, L, N) states in the backward pass, as
     mamba_ssm's kernel does. The pure-PyTorch inference path is token-major (`_bidirectional_tokens_nograd`); the
-    numba kernel runs both directions as one batch through `_mix`.
+    numba kernel runs both directions as one batch through `_mix`, in training and inference.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
@@ -106,10 +106,9 @@ class Mamba(nn.Module):
             both = self.forward(torch.cat([hidden_states, hidden_states.flip(1)], dim=0))
             return 0.5 * (both[:b] + both[b:].flip(1))
         _announce(backend)
-        # no-grad CPU inference: the token-major pure-PyTorch path, also where numba is available (measured 0.29 vs
-        # 0.41 s per 256x256 image with 1 thread, README), unless numba is requested explicitly (METHODS.md §3.4)
-        inference_pure = backend == "pure" or (backend == "numba" and _requested(None) == "auto")
-        if inference_pure and not (torch.is_grad_enabled() and (
+        # no-grad inference on the pure-PyTorch backend: its token-major path (the numba kernel, where it runs, is
+        # faster still: 0.22 vs 0.31 s per 256x256 image with 1 thread, METHODS.md §3.4)
+        if backend == "pure" and not (torch.is_grad_enabled() and (
                 hidden_states.requires_grad or any(p.requires_grad for p in self.parameters()))):
             return self._bidirectional_tokens_nograd(hidden_states)
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) views
