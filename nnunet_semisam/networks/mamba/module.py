@@ -111,7 +111,12 @@ class Mamba(nn.Module):
         if backend == "pure" and not (torch.is_grad_enabled() and (
                 hidden_states.requires_grad or any(p.requires_grad for p in self.parameters()))):
             return self._bidirectional_tokens_nograd(hidden_states)
-        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) views
+        # in_proj straight into the channel-major (B, 2E, L) layout the scan reads (as mamba_ssm computes it): the
+        # concatenations below then copy contiguous rows instead of gathering a transposed view
+        xz = torch.bmm(self.in_proj.weight.expand(b, -1, -1), hidden_states.transpose(1, 2))
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
+        x, z = xz.chunk(2, dim=1)  # (B, E, L)
         y = self._mix(torch.cat([x, x.flip(-1)], dim=0), torch.cat([z, z.flip(-1)], dim=0), backend)  # (2B, E, L)
         y = 0.5 * (y[:b] + y[b:].flip(-1))
         return self.out_proj(y.transpose(1, 2))
@@ -150,13 +155,22 @@ class Mamba(nn.Module):
 
     def _mix(self, x: torch.Tensor, z: torch.Tensor, backend: str) -> torch.Tensor:
         """Steps 2-4 after in_proj: causal conv, x_proj, dt_proj, selective scan; x, z (B, E, L) -> y (B, E, L)."""
-        seqlen = x.shape[-1]
-        x = F.silu(self.conv1d(x.contiguous())[..., :seqlen])  # causal depthwise conv (10x slower on views)
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, r + 2N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, E, L); bias added inside the scan
-        B = B.transpose(1, 2)  # (B, N, L)
-        C = C.transpose(1, 2)
+        # causal depthwise conv as d_conv shifted multiply-adds on the left-padded rows (measured 2.2 vs 4.2 ms for
+        # nn.Conv1d on a (2, 128, 4096) input with 1 thread)
+        L, K = x.shape[-1], self.d_conv
+        w = self.conv1d.weight[:, 0, :]  # (E, K)
+        xp = F.pad(x, (K - 1, 0))
+        xc = xp[..., :L] * w[:, :1]
+        for k in range(1, K):
+            xc = xc.addcmul_(xp[..., k:k + L], w[:, k:k + 1]) if not torch.is_grad_enabled() else \
+                xc + xp[..., k:k + L] * w[:, k:k + 1]
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias[:, None]
+        x = F.silu(xc)
+        n = x.shape[0]  # x_proj and dt_proj channel-major, as mamba_ssm: no transposed copies
+        x_dbl = torch.bmm(self.x_proj.weight.expand(n, -1, -1), x)  # (B, r + 2N, L)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)  # B, C: (B, N, L)
+        dt = torch.bmm(self.dt_proj.weight.expand(n, -1, -1), dt)  # (B, E, L); bias added inside the scan
         args = (x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z, self.dt_proj.bias.float(), True)
         if backend == "mamba_ssm-scan":
             return _mamba_ssm_ops().selective_scan_fn(*args[:3], B.contiguous(), C.contiguous(), *args[5:])
