@@ -4,9 +4,10 @@
 A (d, N); B, C (d, N) | (b, N, L) | (b, G, N, L); D, delta_bias (d,)) and is differentiable in all of them through
 `SelectiveScanNumbaFn` (an autograd Function with a hand-written backward).
 
-Kernels (`@njit(parallel=True, cache=True)`, IEEE float32 throughout, state per (b, d, n) in float32; `exp` is the
-kernel's own vectorisable `_exp32`, and the sums over the N states use `_dot`, the one function compiled with
-reassociation, so that LLVM turns the per-state loops into SIMD code):
+Kernels (`@njit(parallel=True, cache=True, fastmath={"contract"})`: IEEE float32 with fused multiply-adds, state
+per (b, d, n) in float32; `exp` is the kernel's own vectorisable `_exp32`, and the sums over the N states use
+`_dot` / `_dot_row`, the only functions compiled with reassociation, so that LLVM turns the per-state loops into SIMD
+code):
 - forward: `prange` over the b*d (batch, channel) pairs; each computes delta_t = softplus(delta_t + bias) for its L
   tokens, runs the recurrence `s_t = exp(delta_t A) s_{t-1} + delta_t u_t B_t`, `y_t = C_t . s_t + D u_t` once over
   them (N states in registers/L1), then multiplies by `silu(z)`. In training it also keeps delta, y before the gate
@@ -89,7 +90,16 @@ if numba is not None:
             y += a[n] * b[n]
         return y
 
-    @njit(parallel=True, cache=True, fastmath=False)
+    @njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
+    def _dot_row(a, M, i, j, k, N):
+        """sum_n a[n] M[i, j, k, n], as `_dot` (indices instead of a row view: a view per token costs reference
+        counting)."""
+        y = np.float32(0.0)
+        for n in range(N):
+            y += a[n] * M[i, j, k, n]
+        return y
+
+    @njit(parallel=True, cache=True, fastmath={"contract"})
     def _fwd_kernel(u, delta, A, B, C, D, z, bias, softplus, has_z, out, dt, y, last, ckpt, save):
         """u, delta, z, out, dt, y (b, d, L); A (d, N); B, C (bB, G, LB, N) (bB in {1, b}, LB in {1, L}); D, bias (d,);
         last (b, d, N); ckpt (b, d, nc, N). Writes out, last, the step dt = softplus(delta + bias) and, when `save`
@@ -126,10 +136,10 @@ if numba is not None:
                         ckpt[bi, di, t // _CKPT, n] = st[n]
                 dtt = dtr[t]
                 du = dtt * ur[t]
-                Bt = B[bB, gB, t if varB else 0]
+                tB = t if varB else 0
                 for n in range(N):
-                    st[n] = _exp32(dtt * Ad[n]) * st[n] + du * Bt[n]
-                outr[t] = _dot(st, C[bC, gC, t if varC else 0], N) + Dd * ur[t]
+                    st[n] = _exp32(dtt * Ad[n]) * st[n] + du * B[bB, gB, tB, n]
+                outr[t] = _dot_row(st, C, bC, gC, t if varC else 0, N) + Dd * ur[t]
             for n in range(N):
                 last[bi, di, n] = st[n]
             if has_z:
@@ -141,7 +151,7 @@ if numba is not None:
                 for t in range(L):
                     outr[t] = outr[t] * zr[t] / (np.float32(1.0) + _exp32(-zr[t]))
 
-    @njit(parallel=True, cache=True, fastmath=False)
+    @njit(parallel=True, cache=True, fastmath={"contract"})
     def _bwd_kernel(u, dt, A, B, C, D, ckpt, gout, glast, has_glast, W, gu, gdt, gA_p, gD_p, gB_p, gC_p):
         """Gradients of `_fwd_kernel` for u, dt, A, D, B, C. gu, gdt (b, d, L); per batch element gA_p (b, d, N),
         gD_p (b, d); per work item gB_p, gC_p (b, W, G, LB, N) (summed over b and W by the caller)."""
