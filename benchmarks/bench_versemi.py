@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import subprocess
@@ -145,14 +146,17 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("-np", type=int, default=1)
     a = p.parse_args(argv)
+    from nnunet_semisam.io import atomic_write_text
+
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [r for seed in a.seeds for r in bench_seed(seed, a, out)]
-    with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["method", "seed", "task", "n", "dice"])
-        w.writeheader()
-        w.writerows(rows)
-    (out / "summary.md").write_text(summary(rows), encoding="utf-8")
+    table = io.StringIO()
+    w = csv.DictWriter(table, fieldnames=["method", "seed", "task", "n", "dice"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "results.csv", table.getvalue())
+    atomic_write_text(out / "summary.md", summary(rows))
     print(summary(rows))
     return 0
 
