@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-
 try:  # numba is a core requirement (setup.py), but the pure-PyTorch scan still runs without it
     import numba
     from numba import njit, prange
@@ -187,8 +186,8 @@ if numba is not None:
                         S[0, n] = ckpt[bi, di, c, n]
                     for t in range(t0, t1):  # the chunk's states again
                         k = t - t0
-                        du = dt[bi, di, t] * u[bi, di, t]
                         dtt = dt[bi, di, t]
+                        du = dtt * u[bi, di, t]
                         ak, Sk, Sk1 = a[k], S[k], S[k + 1]
                         Bt = B[bB, gB, t if varB else 0]
                         for n in range(N):
