@@ -19,6 +19,20 @@ from nnunet_semisam.networks.mamba.dispatch import _announce, _mamba_ssm_ops, ma
 from nnunet_semisam.networks.mamba.reference import _LOG2_E, _softplus, selective_scan_flops
 
 
+def _causal_taps(xp: torch.Tensor, taps: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Causal depthwise convolution as shifted multiply-adds: `sum_k taps[k] * xp[k : k + L]` along `dim`, for `xp`
+    left-padded there by len(taps) - 1 (taps broadcast against the slices; in place when autograd is off). Faster
+    than nn.Conv1d on CPU (2.2 vs 4.2 ms on a (2, 128, 4096) input with 1 thread)."""
+    L = xp.shape[dim] - len(taps) + 1
+    out = xp.narrow(dim, 0, L) * taps[0]
+    for k in range(1, len(taps)):
+        if torch.is_grad_enabled():
+            out = torch.addcmul(out, xp.narrow(dim, k, L), taps[k])
+        else:
+            out.addcmul_(xp.narrow(dim, k, L), taps[k])
+    return out
+
+
 class Mamba(nn.Module):
     """Mamba block (B, L, D) -> (B, L, D) with mamba_ssm's parameter names, shapes and initialisation.
 
@@ -134,10 +148,7 @@ class Mamba(nn.Module):
         xp = xz.new_zeros((2 * b, L + K - 1, E))
         xp[:b, K - 1:] = xz[..., :E]
         xp[b:, K - 1:] = xz[..., :E].flip(1)
-        w = self.conv1d.weight[:, 0, :].t()  # (K, E)
-        x = torch.mul(xp[:, :L], w[0])
-        for k in range(1, K):
-            x.addcmul_(xp[:, k:k + L], w[k])
+        x = _causal_taps(xp, list(self.conv1d.weight[:, 0, :].t()), dim=1)  # taps (E,) each
         if self.conv1d.bias is not None:
             x.add_(self.conv1d.bias)
         x = F.silu(x, inplace=True)  # (2B, L, E)
@@ -155,15 +166,8 @@ class Mamba(nn.Module):
 
     def _mix(self, x: torch.Tensor, z: torch.Tensor, backend: str) -> torch.Tensor:
         """Steps 2-4 after in_proj: causal conv, x_proj, dt_proj, selective scan; x, z (B, E, L) -> y (B, E, L)."""
-        # causal depthwise conv as d_conv shifted multiply-adds on the left-padded rows (measured 2.2 vs 4.2 ms for
-        # nn.Conv1d on a (2, 128, 4096) input with 1 thread)
-        L, K = x.shape[-1], self.d_conv
         w = self.conv1d.weight[:, 0, :]  # (E, K)
-        xp = F.pad(x, (K - 1, 0))
-        xc = xp[..., :L] * w[:, :1]
-        for k in range(1, K):
-            xc = xc.addcmul_(xp[..., k:k + L], w[:, k:k + 1]) if not torch.is_grad_enabled() else \
-                xc + xp[..., k:k + L] * w[:, k:k + 1]
+        xc = _causal_taps(F.pad(x, (self.d_conv - 1, 0)), [w[:, k:k + 1] for k in range(self.d_conv)], dim=-1)
         if self.conv1d.bias is not None:
             xc = xc + self.conv1d.bias[:, None]
         x = F.silu(xc)
