@@ -23,6 +23,8 @@ from torch.nn.modules.conv import _ConvNd
 
 from nnunet_semisam.networks.mamba import MambaLayer
 
+_HAS_FUSED_CONV_GELU = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
 IntOrSeq = Union[int, Sequence[int]]
 
 __all__ = ["TinyMUNet", "TinyMUNetEncoder", "TinyMUNetDecoder", "paper_tiny_munet", "PAPER_ARCH_KWARGS"]
@@ -64,6 +66,14 @@ def _per_stage(value, n: int, dim: int, name: str) -> list[tuple[int, ...]]:
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     """A 4D (2D-image) tensor in channels-last memory format (same values and shape); other tensors unchanged."""
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def _fused_conv_gelu_ok(x: torch.Tensor, conv: _ConvNd) -> bool:
+    """Whether `ConvNormAct`'s eval path may run conv + GELU as one oneDNN call (`mkldnn._convolution_pointwise`,
+    the fused op PyTorch's own CPU compiler emits): float32 CPU input, no autograd, numeric padding, and an ATen
+    built with oneDNN. Same values as conv then GELU up to float rounding (METHODS.md §3.4)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and isinstance(conv.padding, tuple) and conv.padding_mode == "zeros" and _HAS_FUSED_CONV_GELU)
 
 
 def _numel(channels: int, size: Sequence[int]) -> np.int64:
@@ -108,9 +118,17 @@ class ConvNormAct(nn.Sequential):
             bias = bias + norm.bias
         if conv.bias is not None:
             bias = bias + conv.bias * scale
-        weight = conv.weight * scale.reshape(-1, *[1] * (conv.weight.dim() - 1))
-        x = conv._conv_forward(x, weight.to(x.dtype), bias.to(x.dtype))
-        for layer in list(self)[2:]:
+        weight = (conv.weight * scale.reshape(-1, *[1] * (conv.weight.dim() - 1))).to(x.dtype)
+        rest = list(self)[2:]
+        if rest and isinstance(rest[0], nn.GELU) and _fused_conv_gelu_ok(x, conv):
+            # oneDNN applies the GELU while the conv's output tile is in cache: one pass over the map instead of two
+            x = torch.ops.mkldnn._convolution_pointwise(x, weight, bias.to(x.dtype), list(conv.padding),
+                                                        list(conv.stride), list(conv.dilation), conv.groups, "gelu",
+                                                        [None], rest[0].approximate)
+            rest = rest[1:]
+        else:
+            x = conv._conv_forward(x, weight, bias.to(x.dtype))
+        for layer in rest:
             if isinstance(layer, nn.GELU) and not (torch.is_grad_enabled() and x.requires_grad):
                 x = torch.ops.aten.gelu_(x, approximate=layer.approximate)  # no fresh (page-faulted) output map
             else:

@@ -1,7 +1,10 @@
 """Tiny-MUNet inference fast paths: eval-mode BatchNorm folding and channels-last layout give the same function."""
+import pytest
 import torch
+from torch import nn
 
-from nnunet_semisam.networks.tiny_munet import TinyMUNet
+from nnunet_semisam.networks import tiny_munet
+from nnunet_semisam.networks.tiny_munet import ConvNormAct, TinyMUNet
 
 SMALL_2D = dict(features_per_stage=(8, 16, 16, 24), strides=(1, 2, 2, 2), n_conv_stages=2,
                 n_mamba_layers_per_stage=(1, 1))
@@ -58,3 +61,31 @@ def test_encode_from_returns_contiguous_features():
         again = net.encode_from(1, feats[0])
     assert len(again) == 1 and again[0].is_contiguous()
     assert torch.allclose(again[0], feats[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim, approximate", [(2, "none"), (3, "none"), (2, "tanh")])
+def test_eval_conv_gelu_runs_fused_and_matches_conv_norm_gelu(dim, approximate, monkeypatch):
+    """The no-grad eval path runs conv + folded BatchNorm + GELU as one oneDNN call; same values as the 3 modules."""
+    if not tiny_munet._HAS_FUSED_CONV_GELU:
+        pytest.skip("this PyTorch has no oneDNN fused convolution")
+    calls = []
+    fused = torch.ops.mkldnn._convolution_pointwise
+
+    class Spy:  # torch.ops namespaces cannot be monkeypatched attribute by attribute
+        @staticmethod
+        def _convolution_pointwise(*args):
+            calls.append(args[7:])
+            return fused(*args)
+
+    torch.manual_seed(0)
+    conv, bn = (nn.Conv2d, nn.BatchNorm2d) if dim == 2 else (nn.Conv3d, nn.BatchNorm3d)
+    m = ConvNormAct(conv, 4, 8, [3] * dim, [1] * dim, bn, None, nn.GELU, {"approximate": approximate})
+    _randomise_bn(m)
+    x = torch.randn(2, 4, *([6, 9, 10][-dim:]))
+    m.eval()
+    with torch.no_grad():
+        ref = m[2](m[1](m[0](x)))
+        monkeypatch.setattr(torch.ops, "mkldnn", Spy)
+        out = m(x)
+    assert calls == [("gelu", [None], approximate)]
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), (out - ref).abs().max()
