@@ -20,6 +20,7 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from nnunet_semisam.networks.mamba import MambaLayer
 
@@ -70,10 +71,12 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
 def _fused_conv_gelu_ok(x: torch.Tensor, conv: _ConvNd) -> bool:
     """Whether `ConvNormAct`'s eval path may run conv + GELU as one oneDNN call (`mkldnn._convolution_pointwise`,
-    the fused op PyTorch's own CPU compiler emits): float32 CPU input, no autograd, numeric padding, and an ATen
-    built with oneDNN. Same values as conv then GELU up to float rounding (METHODS.md §3.4)."""
+    the fused op PyTorch's own CPU compiler emits): float32 CPU input, no autograd, numeric padding, an ATen
+    built with oneDNN, and no dispatch mode active (FLOP counters and fake tensors see the plain aten ops). Same
+    values as conv then GELU up to float rounding (METHODS.md §3.4)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and isinstance(conv.padding, tuple) and conv.padding_mode == "zeros" and _HAS_FUSED_CONV_GELU)
+            and isinstance(conv.padding, tuple) and conv.padding_mode == "zeros" and _HAS_FUSED_CONV_GELU
+            and _get_current_dispatch_mode() is None)
 
 
 def _numel(channels: int, size: Sequence[int]) -> np.int64:

@@ -93,5 +93,5 @@ class TeacherFeatures:
                                                                  self.channels, self.side))
 
     def reinject(self, t1: torch.Tensor) -> list[torch.Tensor]:
-        """T_1 (clean or perturbed) -> [T_2..T_levels]."""
-        return self.teacher.later_taps(t1)[: self.levels - 1]
+        """T_1 (clean or perturbed) -> [T_2..T_levels] (the teacher runs only the stages these taps need)."""
+        return self.teacher.later_taps(t1, self.levels - 1)

@@ -574,12 +574,13 @@ class LiteMedSAMTeacher(CachedEmbedder):
         return self._grid(t1).float()
 
     @torch.no_grad()
-    def later_taps(self, t1: torch.Tensor) -> list[torch.Tensor]:
+    def later_taps(self, t1: torch.Tensor, count: int | None = None) -> list[torch.Tensor]:
         """[T_2, T_3, T_4] (B, S/4, S/4, C) float32 from T_1 (B, S/2, S/2, 128), clean or perturbed: stages 1-3.
 
         The encoder side S = 2 x the T_1 grid. FPKDM calls this for the clean and the perturbed T_1 so both go
         through one path and one precision. Runs under no_grad: the teacher is frozen and FPKDM never backpropagates
-        into it (the student's gradient comes from its own branch).
+        into it (the student's gradient comes from its own branch). `count`: only the first `count` of these taps,
+        and only the stages they need (a 3-level student skips stage 3: a quarter of the re-injection's work).
         """
         enc = self.encoder_for(self._t1_side(t1))
         # the memory layout of stage 0's own output (PatchMerging: (B, C, h, w) -> flatten -> transpose), so that
@@ -587,7 +588,7 @@ class LiteMedSAMTeacher(CachedEmbedder):
         x = t1.to(self.device).permute(0, 3, 1, 2).contiguous().flatten(2).transpose(1, 2)
         outs = []
         with self._feature_autocast():
-            for layer in enc.layers[1:]:
+            for layer in enc.layers[1:][:count]:
                 x = layer(x)
                 outs.append(self._grid(x))
         return [o.float() for o in outs]

@@ -299,13 +299,14 @@ class MedSAMTeacher(CachedEmbedder):
         return t1.float()
 
     @torch.no_grad()
-    def later_taps(self, t1: torch.Tensor) -> list[torch.Tensor]:
+    def later_taps(self, t1: torch.Tensor, count: int | None = None) -> list[torch.Tensor]:
         """[T_2..T_4] (B, h, w, D) float32 from T_1 (clean or perturbed): the blocks after the first tap (§4.1).
 
         FPKDM calls this for the clean and for the perturbed T_1, so both responses go through one path and one
-        precision (a zero perturbation gives a zero teacher response, METHODS.md §4.1).
+        precision (a zero perturbation gives a zero teacher response, METHODS.md §4.1). `count`: only the first
+        `count` of these taps, running the blocks up to the last of them.
         """
-        taps = self.tap_blocks
+        taps = self.tap_blocks[: None if count is None else count + 1]
         with self._feature_autocast():
             out = self.forward_blocks(t1.to(self.device), start=taps[0] + 1, blocks=taps[1:], stop=taps[-1] + 1)
         return [o.float() for o in out]

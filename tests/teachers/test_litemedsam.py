@@ -437,6 +437,8 @@ def test_taps_and_neck_at_native_size(lite):
     t1 = lite.first_tap(x)
     assert torch.equal(t1, taps[0])
     assert all(torch.equal(a, b) for a, b in zip(lite.later_taps(t1), taps[1:]))
+    first_two = lite.later_taps(t1, 2)  # a 3-level student: stage 3 is not run
+    assert len(first_two) == 2 and all(torch.equal(a, b) for a, b in zip(first_two, taps[1:3]))
     with torch.no_grad():
         native = lite.model.image_encoder(x)
     assert torch.equal(lite.encode_features(x), native)

@@ -196,6 +196,9 @@ def test_block_taps_and_reinjection(sam):
     assert [tuple(f.shape) for f in taps] == [(2, 16, 16, 16)] * 2  # 256² input -> 16x16 grid (§2.5 check)
     again = t.forward_blocks(taps[0], start=1, blocks=(1,))
     torch.testing.assert_close(again[0], taps[1])
+    t.tap_blocks = (0, 1)  # two taps: re-injection from the first, and `count` stops after the taps asked for
+    torch.testing.assert_close(t.later_taps(taps[0])[0], taps[1])
+    assert len(t.later_taps(taps[0], 1)) == 1 and t.later_taps(taps[0], 0) == []
     x1024 = torch.rand(1, 3, 1024, 1024)
     with torch.no_grad():
         full = t.neck(t.block_features(x1024, blocks=(1,))[0])
