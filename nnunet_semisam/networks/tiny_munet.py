@@ -73,7 +73,7 @@ def _fused_conv_gelu_ok(x: torch.Tensor, conv: _ConvNd) -> bool:
     """Whether `ConvNormAct`'s eval path may run conv + GELU as one oneDNN call (`mkldnn._convolution_pointwise`,
     the fused op PyTorch's own CPU compiler emits): float32 CPU input, no autograd, numeric padding, an ATen
     built with oneDNN, and no dispatch mode active (FLOP counters and fake tensors see the plain aten ops). Same
-    values as conv then GELU up to float rounding (METHODS.md §3.4)."""
+    values as conv then GELU up to float rounding (METHODS.md §3.3)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
             and isinstance(conv.padding, tuple) and conv.padding_mode == "zeros" and _HAS_FUSED_CONV_GELU
             and _get_current_dispatch_mode() is None)
