@@ -36,7 +36,7 @@ memory of each trainer in a fresh process: peak RSS during its first 3 steps min
         [--contrast 0.25] [--fraction 0.1] [--schedule bench] [--no-ablations] [--native] [--variants boxRefine]
     python benchmarks/bench_medsam_mamba_kd.py accuracy --out /tmp/kd --num-train 20 --num-test 4 --size 32 \
         --schedule smoke --no-ablations                        # a few minutes: every row once
-    python benchmarks/bench_medsam_mamba_kd.py cost [--size 64] [--iters 20] [--threads 2]
+    python benchmarks/bench_medsam_mamba_kd.py cost [--size 64] [--iters 20] [--threads 2] [--no-native]
 """
 from __future__ import annotations
 
@@ -350,7 +350,8 @@ def cost(a: argparse.Namespace) -> None:
     os.environ.update(nn_env)
     a.num_train, a.num_test, a.fraction = 30, 0, 1 / 3
     _make_datasets(root, env, a, root / "bench.log")
-    names = ("nnUNetTrainer", "MedSAMMambaKDTrainer", "MedSAMMambaKDTrainer_teacherNative")
+    names = ("nnUNetTrainer", "MedSAMMambaKDTrainer")
+    names += () if a.no_native else ("MedSAMMambaKDTrainer_teacherNative",)
     peak = {}
     for name in names:
         peak[name] = step_memory_mb(name, nn_env)
@@ -410,6 +411,8 @@ def main() -> None:
                                 "demo)")
         else:
             p.add_argument("--iters", type=int, default=20)
+            p.add_argument("--no-native", action="store_true",
+                           help="leave out _teacherNative (the 256-pixel encoder: ~40 s per CPU iteration)")
             p.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     sys.exit(accuracy(a)) if a.what == "accuracy" else cost(a)

@@ -4,9 +4,12 @@ Times forward + backward + AdamW step of: `supervised` (g alone on B labeled cro
 labeled crops), `stage2_f` (g in eval gives P on b_u rows without gradient, f learns on b_l + b_u rows) and
 `stage2_g` (f in eval gives P, g learns), with b_u = B/2 (mid stage 2). g is a PlainConvUNet like nnU-Net's 3D plans
 network for the patch (4 stages, 32..256 channels, deep supervision off); f is the default LoRA-TinyViT with
-LiteMedSAM's weights at the slice side. Prints median seconds per iteration over `--steps` after 2 warm-up steps.
+LiteMedSAM's weights at the slice side. Prints median seconds per iteration over `--steps` after 2 warm-up steps and
+each case's ratio to `supervised` (same run). `--clock process` times the process's CPU time instead of the wall
+clock (with `--threads 1`, a measure that other jobs on a shared machine do not inflate).
 
     python benchmarks/bench_mn_iteration.py --patch 16 32 32 --batch 2 --steps 5
+    python benchmarks/bench_mn_iteration.py --patch 24 48 48 --threads 1 --clock process   # synthetic-3d-mn's plans
 """
 from __future__ import annotations
 
@@ -38,7 +41,12 @@ def main(argv=None) -> None:
     ap.add_argument("--channels", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.manual_seed(0)
     dev = torch.device(args.device)
     with warnings.catch_warnings():
@@ -82,19 +90,22 @@ def main(argv=None) -> None:
     cases = {"supervised": supervised, "stage1": stage1, "stage2_f": lambda: stage2("f"),
              "stage2_g": lambda: stage2("g")}
     print(f"patch {tuple(args.patch)}, B {B}, b_u {b_u}, device {dev}, torch threads {torch.get_num_threads()}, "
-          f"load {os.getloadavg()[0]:.1f}")
+          f"{args.clock} clock, load {os.getloadavg()[0]:.1f}")
+    medians = {}
     for name, fn in cases.items():
         times = []
         for i in range(args.steps + 2):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             if i >= 2:
-                times.append(time.perf_counter() - t0)
-        print(f"{name:10s} {statistics.median(times):.3f} s/iteration (median of {len(times)})")
+                times.append(clock() - t0)
+        medians[name] = statistics.median(times)
+        print(f"{name:10s} {medians[name]:.3f} s/iteration (median of {len(times)}), "
+              f"x{medians[name] / medians['supervised']:.2f} the supervised step", flush=True)
 
 
 if __name__ == "__main__":
