@@ -36,7 +36,7 @@ memory of each trainer in a fresh process: peak RSS during its first 3 steps min
         [--contrast 0.25] [--fraction 0.1] [--schedule bench] [--no-ablations] [--native] [--variants boxRefine]
     python benchmarks/bench_medsam_mamba_kd.py accuracy --out /tmp/kd --num-train 20 --num-test 4 --size 32 \
         --schedule smoke --no-ablations                        # a few minutes: every row once
-    python benchmarks/bench_medsam_mamba_kd.py cost [--size 64] [--iters 20] [--threads 2] [--no-native]
+    python benchmarks/bench_medsam_mamba_kd.py cost [--size 64] [--iters 20] [--threads 2] [--clock cpu] [--no-native]
 """
 from __future__ import annotations
 
@@ -366,14 +366,16 @@ def cost(a: argparse.Namespace) -> None:
     for name in names:
         trainers[name] = ready_for_steps(
             get_trainer_from_args(str(SPLIT_ID), "2d", 0, name, PLANS, device=torch.device("cpu")))
-    times = interleaved_step_times(trainers, a.iters)
+    clock = time.thread_time if a.clock == "cpu" else time.perf_counter
+    times = interleaved_step_times(trainers, a.iters, clock=clock)
     ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
     base = ms["nnUNetTrainer"]
     bs = trainers["nnUNetTrainer"].batch_size
     n_proj = sum(p.numel() for p in trainers["MedSAMMambaKDTrainer"].projector.parameters())
     print(f"{a.size}x{a.size} RGB, default nnU-Net plans, batch {bs} labeled (+{bs} unlabeled for KD), LiteMedSAM, "
-          f"{a.threads} threads, median of {len(times['nnUNetTrainer'])} iterations; peak memory = peak RSS above "
-          f"the ready trainer during 3 steps, in a fresh process each; FPKDM projectors {n_proj:,} parameters")
+          f"{a.threads} threads, {a.clock} clock, median of {len(times['nnUNetTrainer'])} iterations; peak memory = "
+          f"peak RSS above the ready trainer during 3 steps, in a fresh process each; FPKDM projectors {n_proj:,} "
+          f"parameters")
     for name in names:
         side = "" if name == "nnUNetTrainer" else f", FPKDM teacher side {trainers[name].features.side}"
         print(f"{name:32s} {ms[name]:8.1f} ms/iteration, peak step memory {peak[name]:7.1f} MB{side}")
@@ -411,6 +413,8 @@ def main() -> None:
                                 "demo)")
         else:
             p.add_argument("--iters", type=int, default=20)
+            p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                           help="cpu: the training thread's CPU time (use with --threads 1 on a shared machine)")
             p.add_argument("--no-native", action="store_true",
                            help="leave out _teacherNative (the 256-pixel encoder: ~40 s per CPU iteration)")
             p.add_argument("--threads", type=int, default=2)
