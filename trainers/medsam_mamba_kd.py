@@ -16,7 +16,8 @@ model teacher on the labeled cases and the dataset's `imagesUnlabeled/`:
   L_sup = nnU-Net's DC+CE on the labeled masks (off in `_boxOnly`, the paper-literal §4.4 setting). Only L_l (+ L_sup)
   during `init_epochs` warm-up epochs.
 - FPKDM teacher features: the teacher's training-time path on the augmented batch (`teachers.feature_side`; side
-  `teacher_input_size`, default "auto": the native side on CUDA, the student's patch side on CPU for LiteMedSAM).
+  `teacher_input_size`, default "auto": the native side on CUDA; on CPU, for LiteMedSAM, the largest side up to the
+  patch side whose stage grids its attention windows tile, 56 for a 64 patch).
   Clean and perturbed taps go through one re-injection path; the student's perturbed re-run leaves BatchNorm
   running statistics untouched. Background (outside nnU-Net's mask, padding, rotated-out areas) travels with the
   sample as a channel and feeds the FBVM valid mask and the teacher input (§2.4 correction).
@@ -118,8 +119,8 @@ class MedSAMMambaKDTrainer(KDStudentTrainerMixin, SemiSupervisedTrainer):
 
     def preflight_checks(self) -> None:
         """The base checks (unlabeled and labeled folders), then this method's: every string setting is one of
-        `SETTINGS`, `teacher_input_size` is "auto" / "native" / "patch" / a positive side, `teacher_channel` is an
-        image channel, and the teacher loads (`load_teacher_once`: a missing, truncated, random-bytes or non-SAM
+        `SETTINGS`, `teacher_input_size` is "auto" / "native" / "patch" / "windows" / a positive side,
+        `teacher_channel` is an image channel, and the teacher loads (`load_teacher_once`: a missing, truncated, random-bytes or non-SAM
         checkpoint, or an unset `$SEMISAM_SAM_CHECKPOINT` for the SAM ablation, is a one-line error here)."""
         super().preflight_checks()
         name = self.__class__.__name__
@@ -127,9 +128,9 @@ class MedSAMMambaKDTrainer(KDStudentTrainerMixin, SemiSupervisedTrainer):
             if getattr(self, attr) not in allowed:
                 raise SemiSAMError(f"{name}.{attr} = {getattr(self, attr)!r}: expected one of {', '.join(allowed)}")
         side = self.teacher_input_size
-        if not (side in ("auto", "native", "patch") or (str(side).isdigit() and int(side) > 0)):
-            raise SemiSAMError(f"{name}.teacher_input_size = {side!r}: expected 'auto', 'native', 'patch' or a "
-                               "positive side in pixels")
+        if not (side in ("auto", "native", "patch", "windows") or (str(side).isdigit() and int(side) > 0)):
+            raise SemiSAMError(f"{name}.teacher_input_size = {side!r}: expected 'auto', 'native', 'patch', 'windows' "
+                               "or a positive side in pixels")
         if not 0 <= int(self.teacher_channel) < self.num_image_channels:
             raise SemiSAMError(f"{name}.teacher_channel = {self.teacher_channel}: the dataset has "
                                f"{self.num_image_channels} image channel(s) ({self.dataset_json['channel_names']})")

@@ -55,7 +55,8 @@ class MedSAMMambaKDTrainer_teacherNative(MedSAMMambaKDTrainer):
 
 
 class MedSAMMambaKDTrainer_teacherPatch(MedSAMMambaKDTrainer):
-    """FPKDM teacher features at the student's patch side on every device (the CPU path of METHODS.md §2.8)."""
+    """FPKDM teacher features at the student's patch side on every device (the `"patch"` setting of
+    `teachers.feature_side`, METHODS.md §2.8)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):

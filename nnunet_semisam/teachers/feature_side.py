@@ -8,8 +8,13 @@ student's augmented batch (select the teacher channels, min-max per image, bilin
   input with the same weights, METHODS.md §2.8 "Cost on CPU"); MedSAM's ViT keeps its native side;
 - `"f1"`: the smallest side whose first-tap grid is as fine as the student's F1 grid (tap stride x max(F1)),
   capped at the native side;
-- `"auto"` (default): native on CUDA; on CPU `"patch"` for LiteMedSAM (its 256² encoder costs ~1.5 s per image on two
-  cores, several nnU-Net iterations), native for MedSAM;
+- `"windows"`: the largest side up to the patch side that is a multiple of the teacher's `window_multiple`
+  (LiteMedSAM: 56), so that no attention stage pads its grid to whole windows; `"patch"` for patches smaller than
+  that. A 64-pixel patch gets 56: the FPKDM re-injection costs 2.7x less than at 64 and its taps, pooled onto the
+  student grids, are closer to the native 256 path's (METHODS.md §2.8 "Cost on CPU",
+  `benchmarks/bench_feature_side.py`);
+- `"auto"` (default): native on CUDA; on CPU `"windows"` for LiteMedSAM (its 256² encoder costs ~1.5 s per image on
+  two cores, several nnU-Net iterations), native for MedSAM;
 - an int: used as given.
 """
 from __future__ import annotations
@@ -40,12 +45,18 @@ def feature_side(teacher, setting: int | str, patch_size: Sequence[int], f1_grid
     native = int(teacher.native_size)
     resizable = hasattr(teacher, "encoder_for")  # LiteMedSAM: a TinyViT for any multiple of `feature_multiple`
     if setting == "auto":
-        setting = "native" if device.type == "cuda" or not resizable else "patch"
+        setting = "native" if device.type == "cuda" or not resizable else "windows"
     if isinstance(setting, int) or (isinstance(setting, str) and setting.isdigit()):
         return int(setting)
     if setting == "native":
         return native
-    if setting == "patch":
+    if setting == "windows" and resizable:
+        multiple = int(teacher.window_multiple)
+        side = max(int(s) for s in patch_size) // multiple * multiple
+        if side:
+            return min(native, side)
+        setting = "patch"
+    if setting in ("patch", "windows"):
         if not resizable:
             return native
         return min(native, _round_up(max(int(s) for s in patch_size), teacher.feature_multiple))
@@ -54,7 +65,8 @@ def feature_side(teacher, setting: int | str, patch_size: Sequence[int], f1_grid
         if resizable:
             side = _round_up(side, teacher.feature_multiple)
         return min(native, side)
-    raise SemiSAMError(f"teacher_input_size must be an int, 'auto', 'native', 'patch' or 'f1', got {setting!r}")
+    raise SemiSAMError(f"teacher_input_size must be an int, 'auto', 'native', 'patch', 'windows' or 'f1', got "
+                       f"{setting!r}")
 
 
 def fill_background(x: torch.Tensor, background: torch.Tensor | None) -> torch.Tensor:

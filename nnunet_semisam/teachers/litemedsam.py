@@ -39,6 +39,7 @@ and windows are padded at every size, the native one included), so the features 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from pathlib import Path
@@ -482,6 +483,19 @@ class LiteMedSAMTeacher(CachedEmbedder):
         for layer in self.model.image_encoder.layers:
             chans.append(int(layer.downsample.out_dim) if layer.downsample is not None else int(layer.dim))
         return tuple(chans)
+
+    @property
+    def window_multiple(self) -> int:
+        """Input sides that are multiples of this give every attention stage a grid its windows tile exactly: the
+        least common multiple of (native side / stage grid) x window over TinyViT stages 1-3 (LiteMedSAM: windows 7,
+        14, 7 on grids S/2, S/4, S/4 -> 56). At other sides TinyViT pads each stage's grid up to whole windows (a
+        64-pixel input: 32 -> 35 and 16 -> 28 tokens per side) and attends over the zero padding too."""
+        enc = self.model.image_encoder
+        multiple = self.feature_multiple
+        for layer in enc.layers[1:]:
+            ratio = int(self.native_size) // int(layer.input_resolution[0])
+            multiple = math.lcm(multiple, ratio * int(layer.blocks[0].window_size))
+        return multiple
 
     @property
     def tap_stride(self) -> int:

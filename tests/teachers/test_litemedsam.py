@@ -437,6 +437,10 @@ def test_taps_and_neck_at_native_size(lite):
     t1 = lite.first_tap(x)
     assert torch.equal(t1, taps[0])
     assert all(torch.equal(a, b) for a, b in zip(lite.later_taps(t1), taps[1:]))
+    # the CPU feature side for a 64 patch: 56 = lcm(2 x 7, 4 x 14, 4 x 7), every stage grid in whole windows
+    assert lite.window_multiple == 56
+    enc = lite.encoder_for(56)
+    assert all(layer.input_resolution[0] % layer.blocks[0].window_size == 0 for layer in enc.layers[1:])
     first_two = lite.later_taps(t1, 2)  # a 3-level student: stage 3 is not run
     assert len(first_two) == 2 and all(torch.equal(a, b) for a, b in zip(first_two, taps[1:3]))
     with torch.no_grad():

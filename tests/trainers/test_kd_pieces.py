@@ -118,20 +118,25 @@ def test_student_kwargs_from_default_plans_and_refusals():
 
 
 def test_feature_side_settings():
-    """`teacher_input_size`: native / patch / f1 / auto / int (teachers.feature_side)."""
+    """`teacher_input_size`: native / patch / windows / f1 / auto / int (teachers.feature_side)."""
     from types import SimpleNamespace
 
     from nnunet_semisam.teachers.feature_side import feature_side
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     vit = SimpleNamespace(native_size=1024, tap_stride=16)  # MedSAM: no resizable encoder
-    lite = SimpleNamespace(native_size=256, tap_stride=2, feature_multiple=64, encoder_for=lambda s: None)
+    lite = SimpleNamespace(native_size=256, tap_stride=2, feature_multiple=64, window_multiple=56,
+                           encoder_for=lambda s: None)
     assert feature_side(vit, "f1", (256, 256), (64, 64), cpu) == 1024  # paper: 256² input, F1 64²
     assert feature_side(vit, "f1", (64, 64), (16, 16), cpu) == 256
     assert feature_side(vit, "f1", (60, 100), (12, 20), cpu) == 320  # non-square: the finer side decides
     assert feature_side(vit, "auto", (64, 64), (16, 16), cpu) == 1024 and feature_side(vit, "patch", (64, 64),
                                                                                        (16, 16), cpu) == 1024
-    assert feature_side(lite, "auto", (64, 64), (16, 16), cpu) == 64  # CPU path: the patch side
+    assert feature_side(lite, "auto", (64, 64), (16, 16), cpu) == 56  # CPU path: whole attention windows
+    assert feature_side(lite, "windows", (130, 120), (32, 30), cpu) == 112  # the largest multiple <= the patch
+    assert feature_side(lite, "windows", (48, 48), (12, 12), cpu) == 64  # patch below one multiple: "patch"
+    assert feature_side(lite, "windows", (512, 512), (128, 128), cpu) == 256  # never above the native side
+    assert feature_side(vit, "windows", (64, 64), (16, 16), cpu) == 1024  # not resizable: native
     assert feature_side(lite, "auto", (64, 64), (16, 16), cuda) == 256  # native on CUDA
     assert feature_side(lite, "patch", (80, 100), (20, 25), cpu) == 128  # rounded up to the encoder's multiple
     assert feature_side(lite, "patch", (512, 512), (128, 128), cpu) == 256  # never above the native side
