@@ -10,8 +10,8 @@ student's augmented batch (select the teacher channels, min-max per image, bilin
   capped at the native side;
 - `"windows"`: the largest side up to the patch side that is a multiple of the teacher's `window_multiple`
   (LiteMedSAM: 56), so that no attention stage pads its grid to whole windows; `"patch"` for patches smaller than
-  that. A 64-pixel patch gets 56: the FPKDM re-injection costs 2.7x less than at 64 and its taps, pooled onto the
-  student grids, are closer to the native 256 path's (METHODS.md §2.8 "Cost on CPU",
+  that. A 64-pixel patch gets 56: the teacher's FPKDM work per step costs half that at 64 and its taps, pooled onto
+  the student grids, are closer to the native 256 path's (METHODS.md §2.8 "Cost on CPU",
   `benchmarks/bench_feature_side.py`);
 - `"auto"` (default): native on CUDA; on CPU `"windows"` for LiteMedSAM (its 256² encoder costs ~1.5 s per image on
   two cores, several nnU-Net iterations), native for MedSAM;

@@ -33,8 +33,8 @@ FPKDM feature taps (training-time features on augmented batches, never used for 
 outputs of the four TinyViT stages `image_encoder.layers[0..3]`; for a 256² input they are (B, 128, 128, 128),
 (B, 64, 64, 160), (B, 64, 64, 320), (B, 64, 64, 320) channels-last. `encoder_for(size)` gives a TinyViT for any
 input side that is a multiple of 4 with the same weights (the attention-bias tables depend only on the window size,
-and windows are padded at every size, the native one included), so the features can be computed at e.g. 64² or
-128² on a CPU.
+and windows are padded at every size, the native one included), so the features can be computed at e.g. 56² or
+112² on a CPU; sides that are multiples of `window_multiple` (56) need no window padding at all.
 """
 from __future__ import annotations
 
@@ -594,7 +594,7 @@ class LiteMedSAMTeacher(CachedEmbedder):
         The encoder side S = 2 x the T_1 grid. FPKDM calls this for the clean and the perturbed T_1 so both go
         through one path and one precision. Runs under no_grad: the teacher is frozen and FPKDM never backpropagates
         into it (the student's gradient comes from its own branch). `count`: only the first `count` of these taps,
-        and only the stages they need (a 3-level student skips stage 3: a quarter of the re-injection's work).
+        and only the stages they need (a 3-level student skips stage 3).
         """
         enc = self.encoder_for(self._t1_side(t1))
         # the memory layout of stage 0's own output (PatchMerging: (B, C, h, w) -> flatten -> transpose), so that
