@@ -55,7 +55,7 @@ def bench(tmp_path_factory) -> dict:
     t0 = time.time()
     proc = start_in_own_group(cmd, env)
     mt_run = out / "runs" / RUNS[1]
-    deadline = time.time() + 600
+    deadline = time.time() + 1500  # returns as soon as the checkpoint appears; generous for shared machines
     latest = []
     while time.time() < deadline and proc.poll() is None:
         latest = list(mt_run.glob("nnUNet_results/*/*/fold_all/checkpoint_latest.pth"))
@@ -71,7 +71,7 @@ def bench(tmp_path_factory) -> dict:
     damaged = out / "nnUNet_preprocessed" / "Dataset901_SynthRGB_3lab_s0" / "nnUNetPlans_2d_unlabeled"
     assert damaged.is_dir()  # every dataset is prepared before the first run
     shutil.rmtree(damaged)
-    second = run_cmd(cmd, env, timeout=900, check=False)
+    second = run_cmd(cmd, env, timeout=1800, check=False)
     return {"root": root, "env": env, "source": source, "out": out, "cmd": cmd, "mtime_before": mtime_before,
             "second": second, "killed_at": killed_at, "total": time.time() - t0}
 
