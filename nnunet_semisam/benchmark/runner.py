@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -126,14 +127,19 @@ def last_line(log: Path) -> str:
 
 
 def run_logged(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, float, float]:
-    """Run `cmd` with its output appended to `log`; (exit code, wall seconds, peak RSS MB of the process)."""
+    """Run `cmd` with its output appended to `log`; (exit code, wall seconds, peak RSS MB of the process).
+
+    The command runs in its own process group, which is killed once the command has ended: a trainer killed hard
+    (e.g. by the out-of-memory killer) leaves nnU-Net's data-loader workers running, and they hold memory (GBs for
+    workers forked from a large trainer) until something kills them.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
         try:
-            p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+            p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         except FileNotFoundError as e:
             f.write(f"{e}\n")
             return 127, 0.0, 0.0
@@ -143,9 +149,21 @@ def run_logged(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, flo
             p.kill()
             p.wait()
             raise
+        finally:
+            _kill_group(p.pid)
         p.returncode = rc = os.waitstatus_to_exitcode(status)
         f.write(f"# exit {rc} after {time.time() - t0:.1f} s\n")
     return rc, time.time() - t0, usage.ru_maxrss / 1024.0  # Linux: ru_maxrss in KiB
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL whatever is left of process group `pgid` (nothing when the command cleaned up after itself)."""
+    if not hasattr(os, "killpg"):  # not POSIX: no process groups to clean
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _check(cmd: list[str], env: dict[str, str], log: Path) -> None:

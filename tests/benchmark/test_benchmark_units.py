@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import pytest
 from nnunet_semisam.benchmark import BenchmarkOptions, run_benchmark, slurm_script
 from nnunet_semisam.benchmark.plan import Protocol, format_plan, make_plan
 from nnunet_semisam.benchmark.report import collect, markdown, summarize, wilcoxon_p
-from nnunet_semisam.benchmark.runner import plans_digest
+from nnunet_semisam.benchmark.runner import plans_digest, run_logged
 from nnunet_semisam.errors import SemiSAMError
 
 
@@ -251,3 +254,27 @@ def test_mn_synthetic_preset_dry_run(tmp_path, capsys):
         assert run in text, run
     assert "MNCoTrainer_demo (3d_fullres" in text
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+def test_run_logged_leaves_no_process_of_the_command_behind(tmp_path):
+    """A trainer killed hard leaves its loader workers running; run_logged kills the command's process group."""
+    spawner = ("import subprocess, sys; "
+               "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+               "print('worker', w.pid, flush=True)")  # exits at once, its 'worker' keeps running
+    log = tmp_path / "run.log"
+    rc, _, peak = run_logged([sys.executable, "-c", spawner], dict(os.environ), log)
+    assert rc == 0 and peak > 0
+    worker = int(next(ln.split()[1] for ln in log.read_text().splitlines() if ln.startswith("worker ")))
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{worker}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":  # killed, not yet reaped by init
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, 9)
+        pytest.fail(f"the command's worker {worker} outlived run_logged")
