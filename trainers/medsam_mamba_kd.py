@@ -94,6 +94,7 @@ class MedSAMMambaKDTrainer(KDStudentTrainerMixin, SemiSupervisedTrainer):
         self.pl_start = 10  # first refresh, in joint epochs (§4.5)
         self.pl_every = 10
         self.student_box_refine = 0  # rounds of growing student boxes that cut the teacher's mask (§4.5)
+        self.student_fusion = False  # unlabeled targets max(teacher, student probability) (§4.5, `_fuseStudent`)
         self.teacher_spec: str | None = None  # None: $SEMISAM_TEACHER, default LiteMedSAM (teachers.factory)
         self.teacher_weights = "medsam"  # medsam (the spec above) | sam ($SEMISAM_SAM_CHECKPOINT, §4.7)
         self.teacher_channel = 0  # non-RGB data: the channel the teacher sees (§2.4)
@@ -211,7 +212,7 @@ class MedSAMMambaKDTrainer(KDStudentTrainerMixin, SemiSupervisedTrainer):
         self.targets = ClosedLoopTargets(
             self.teacher, self.targets_root, self.configuration_manager.normalization_schemes,
             self.plans_manager.foreground_intensity_properties_per_channel, self.teacher_channel,
-            log=self.print_to_log_file, box_refine_rounds=self.student_box_refine)
+            log=self.print_to_log_file, box_refine_rounds=self.student_box_refine, student_fusion=self.student_fusion)
         tr_keys, _ = self.do_split()
         if self.polarity is None:
             self.polarity = [float(s) for s in estimate_polarity(

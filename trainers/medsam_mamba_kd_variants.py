@@ -155,6 +155,15 @@ class MedSAMMambaKDTrainer_boxRefine(MedSAMMambaKDTrainer):
         self.student_box_refine = 3
 
 
+class MedSAMMambaKDTrainer_fuseStudent(MedSAMMambaKDTrainer):
+    """Closed loop with fused unlabeled targets: max(teacher map, student foreground probability) (§4.5)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.student_fusion = True
+
+
 # ---------------------------------------------------------------------------------------------------- short runs
 
 class MedSAMMambaKDTrainer_smoke(MedSAMMambaKDTrainer):
@@ -288,3 +297,21 @@ class MedSAMMambaKDTrainer_boxRefine_bench(MedSAMMambaKDTrainer_bench):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.student_box_refine = 3
+
+
+class MedSAMMambaKDTrainer_fuseStudent_demo(MedSAMMambaKDTrainer_demo):
+    """Fused unlabeled targets (§4.5) on the demo schedule (benchmarks/bench_medsam_mamba_kd.py)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.student_fusion = True
+
+
+class MedSAMMambaKDTrainer_fuseStudent_bench(MedSAMMambaKDTrainer_bench):
+    """Fused unlabeled targets (§4.5) on the benchmark schedule."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.student_fusion = True

@@ -5,7 +5,8 @@
 - Unlabeled cases, at every refresh: the student predicts the whole image, its foreground (`argmax != 0`) gives the
   §2.3 boxes, MedSAM re-segments from its cached image embeddings (§2.7: the image encoder runs once per case and
   slice over the whole run), and the maps of the previous round are replaced. Images without a box are marked
-  unavailable (their KD term is skipped).
+  unavailable (their KD term is skipped). With `student_fusion` the stored map is `fuse_with_student`: the
+  voxel-wise maximum of the teacher's and the student's foreground probability (§4.5, ours).
 
 Both stores use the pseudo-label format of `nnunet_semisam.teachers.pseudolabels` (atomic per-case writes, manifest),
 in `<root>/labeled` and `<root>/unlabeled`; a training run keeps them in its fold's output folder, so folds and
@@ -31,9 +32,28 @@ import torch
 from nnunet_semisam import distributed
 from nnunet_semisam.data.pseudolabel_store import PseudoLabelParams, manifest_params_sha1, read_record, write_manifest
 from nnunet_semisam.distributed import shard_of
+from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.teachers.pseudolabels import CaseSource, generate_pseudolabels
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # preprocessed case (C, *spatial) -> foreground mask (*spatial)
+ProbabilityFn = Callable[[np.ndarray], np.ndarray]  # preprocessed case -> foreground probability (*spatial), [0, 1]
+
+
+def fuse_with_student(teacher_prob: np.ndarray, conf: np.ndarray, student_prob: np.ndarray) -> np.ndarray:
+    """Fused target of one unlabeled case (METHODS.md §4.5, `student_fusion`): `max(q, p_s)` where the teacher was
+    prompted (`conf`), `q` elsewhere.
+
+    `q` is the teacher's map from the student's boxes, `p_s = 1 - softmax(z)_0` the student's foreground probability
+    at the refresh. The teacher segments inside boxes drawn around the student's (often partial) masks, so it misses
+    lesion the student found and the student misses lesion the teacher found; the maximum keeps both (the union of
+    the two masks at 0.5). Slices without a prompt stay as they are (no target there).
+    """
+    q = np.asarray(teacher_prob, np.float32)
+    p = np.asarray(student_prob, np.float32)
+    if q.shape != p.shape or np.shape(conf) != q.shape:
+        raise SemiSAMError(f"fuse_with_student: teacher map {q.shape}, student map {p.shape} and conf "
+                           f"{np.shape(conf)} must have the same shape")
+    return np.where(np.asarray(conf, bool), np.maximum(q, np.clip(p, 0.0, 1.0)), q)
 
 
 class ProgressLog:
@@ -117,9 +137,16 @@ class SlidingWindowForeground:
                                              trainer_name, None)
 
     @torch.no_grad()
+    def logits(self, data: np.ndarray) -> torch.Tensor:
+        return self.predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(data, np.float32)))
+
     def __call__(self, data: np.ndarray) -> np.ndarray:
-        logits = self.predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(data, np.float32)))
-        return (logits.argmax(0) != 0).cpu().numpy()
+        return (self.logits(data).argmax(0) != 0).cpu().numpy()
+
+    def with_probability(self, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(foreground mask, foreground probability `1 - softmax_0`) from one sliding-window pass."""
+        z = self.logits(data).float()
+        return (z.argmax(0) != 0).cpu().numpy(), (1 - torch.softmax(z, 0)[0]).cpu().numpy()
 
 
 class ClosedLoopTargets:
@@ -139,12 +166,15 @@ class ClosedLoopTargets:
         log: a callable taking one line (a trainer's `print_to_log_file`) for progress lines (`ProgressLog`);
             None logs nothing.
         log_chunks: how many progress lines one stage logs at most.
+        student_fusion: store `fuse_with_student` of the teacher's map and the student's probability for unlabeled
+            cases (the refresh's predictor must then have `with_probability`); False stores the teacher's map.
     """
 
     def __init__(self, teacher, root: str | os.PathLike, normalization_schemes: Sequence[str],
                  intensity_properties: dict | None = None, teacher_channel: int = 0, box_min_area: int = 10,
                  max_boxes: int = 5, progress: bool = False, workers: int | None = None,
-                 log: Callable[[str], None] | None = None, log_chunks: int = 10, box_refine_rounds: int = 0):
+                 log: Callable[[str], None] | None = None, log_chunks: int = 10, box_refine_rounds: int = 0,
+                 student_fusion: bool = False):
         self.teacher = teacher
         self.root = Path(root)
         self.labeled_folder = self.root / "labeled"
@@ -159,6 +189,7 @@ class ClosedLoopTargets:
         self.workers = workers
         self.log = log
         self.log_chunks = max(1, int(log_chunks))
+        self.student_fusion = bool(student_fusion)
 
     def _params(self, prompt_source: str, box_min_area: int, extra: dict, box_refine_rounds: int = 0
                 ) -> PseudoLabelParams:
@@ -192,8 +223,23 @@ class ClosedLoopTargets:
         student (identical on every rank), and waits for the others: every rank then reads the same targets.
         Returns {"cases": n, "available": number of cases with at least one box} over all cases.
         """
-        params = self._params("student", self.box_min_area, {"closed_loop": "unlabeled", "round": int(round_index)},
-                              self.box_refine_rounds)
+        extra = {"closed_loop": "unlabeled", "round": int(round_index)}
+        if self.student_fusion:
+            extra["fusion"] = "max-student"
+        params = self._params("student", self.box_min_area, extra, self.box_refine_rounds)
+        student: dict[str, np.ndarray] = {}
+
+        def mask_fn(case, data, seg):
+            if not self.student_fusion:
+                return np.asarray(predict_foreground(data), bool)
+            mask, student[case.case_id] = predict_foreground.with_probability(data)
+            return np.asarray(mask, bool)
+
+        def post_fn(case, prob, conf):
+            if not self.student_fusion:
+                return prob, conf
+            return fuse_with_student(prob, conf, student.pop(case.case_id).reshape(prob.shape)), conf
+
         info = {"stage": f"closed-loop refresh round {round_index} (METHODS.md §4.5)"}
         distributed.barrier()  # nobody reads or rewrites the store while a rank still trains on the old maps
         with ProgressLog(self.unlabeled_folder, shard_of(sorted(c.case_id for c in cases)),
@@ -201,9 +247,8 @@ class ClosedLoopTargets:
             generate_pseudolabels(
                 self.teacher, cases, self.unlabeled_folder, params, self.normalization_schemes,
                 self.intensity_properties,
-                mask_fn=lambda case, data, seg: np.asarray(predict_foreground(data), bool), progress=self.progress,
-                run_info=info, overwrite=True, workers=self.workers, num_parts=distributed.world_size(),
-                part_id=distributed.rank())
+                mask_fn=mask_fn, post_fn=post_fn, progress=self.progress, run_info=info, overwrite=True,
+                workers=self.workers, num_parts=distributed.world_size(), part_id=distributed.rank())
         self._finish_shards(self.unlabeled_folder, params, info, cases)
         available = sum(bool((read_record(self.unlabeled_folder, c.case_id) or {}).get("available")) for c in cases)
         return {"cases": len(cases), "available": int(available)}

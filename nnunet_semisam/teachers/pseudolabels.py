@@ -125,6 +125,7 @@ def generate_pseudolabels(
     case_fn: Callable | None = None,
     workers: int | None = None,
     prompt_digest_fn: Callable[[CaseSource], str] | None = None,
+    post_fn: Callable[[CaseSource, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, str]:
     """Pseudo-label every case of this shard that is not done yet; returns {case_id: "done" | "skipped"}.
 
@@ -138,7 +139,8 @@ def generate_pseudolabels(
     prompt_digest_fn(case) -> str: digest of the case's prompts beyond its arrays (boxes of a prompt file, a mask
     file, the student checkpoint), part of the resume key; prompts derived from the case's own arrays (gt-boxes)
     are covered by the content digest. The manifest records the expected number of cases (all shards) and
-    `complete`.
+    `complete`. post_fn(case, prob, conf) -> (prob, conf): applied to each case's result before it is saved (the
+    closed loop's student fusion, METHODS.md §4.5); whatever it changes belongs in `params` (the resume key).
     """
     from tqdm import tqdm
 
@@ -217,6 +219,8 @@ def generate_pseudolabels(
                 continue
             case, u8, mask, boxes = item
             prob, conf = (case_fn or pseudolabel_case)(teacher, u8, mask, params, case.case_id, boxes)
+            if post_fn is not None:
+                prob, conf = post_fn(case, prob, conf)
             content, prompts, stat = keys.pop(case.case_id)
             save_pseudolabel(out, case.case_id, prob[None], conf[None], psha,
                              source="labeled" if case.labeled else "unlabeled", content_sha1=content,

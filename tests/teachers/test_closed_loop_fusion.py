@@ -1,0 +1,72 @@
+"""Student fusion of the closed loop's unlabeled targets (METHODS.md §4.5, `MedSAMMambaKDTrainer_fuseStudent`): the
+fusion rule against hand-computed values, and a refresh with the real LiteMedSAM teacher on the session's tiny 2D
+dataset, compared with the plain refresh of the same student."""
+import json
+
+import numpy as np
+import pytest
+
+from nnunet_semisam.errors import SemiSAMError
+from nnunet_semisam.teachers.closed_loop import ClosedLoopTargets, fuse_with_student
+
+
+def test_fuse_with_student_hand_computed():
+    q = np.array([[0.9, 0.2], [0.0, 0.6]], np.float32)       # teacher from the student's boxes
+    p = np.array([[0.3, 0.7], [0.8, 1.2]], np.float32)       # student foreground probability (1.2: clipped to 1)
+    conf = np.array([[True, True], [False, True]])          # (1, 0) had no prompt: left as the teacher's 0
+    np.testing.assert_array_equal(fuse_with_student(q, conf, p), np.array([[0.9, 0.7], [0.0, 1.0]], np.float32))
+    with pytest.raises(SemiSAMError, match="same shape"):
+        fuse_with_student(q, conf, p[:1])
+
+
+class _Student:
+    """A fixed 'student': a disc of foreground probability 0.8 in a 0.3 surround (below 0.5: not foreground)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def with_probability(self, data):
+        self.calls += 1
+        zz, yy, xx = np.indices(data.shape[1:])
+        h, w = data.shape[2:]
+        prob = np.where((yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 5) ** 2, 0.8, 0.3).astype(np.float32)
+        return prob > 0.5, prob
+
+    def __call__(self, data):
+        return self.with_probability(data)[0]
+
+
+def test_refresh_with_fusion_stores_max_of_teacher_and_student(tiny2d, tmp_path, monkeypatch):
+    from nnunet_semisam.data.pseudolabel_store import load_pseudolabel
+    from nnunet_semisam.data.unlabeled import unlabeled_preprocessed_folder
+    from nnunet_semisam.teachers.litemedsam import LiteMedSAMTeacher
+    from nnunet_semisam.teachers.pseudolabels import CaseSource
+
+    for k, v in tiny2d.items():
+        if k.startswith("nnUNet"):
+            monkeypatch.setenv(k, v)
+    folder = unlabeled_preprocessed_folder(990, "nnUNetPlans", "2d")
+    plans = json.loads((folder.parent / "nnUNetPlans.json").read_text())
+    schemes = plans["configurations"]["2d"]["normalization_schemes"]
+    cases = [CaseSource(f.name[:-5], str(folder), False) for f in sorted(folder.glob("*.b2nd"))
+             if not f.name.endswith("_seg.b2nd")][:3]
+    assert cases
+    teacher = LiteMedSAMTeacher.from_package()
+    student = _Student()
+    stores = {}
+    for fusion in (False, True):
+        loop = ClosedLoopTargets(teacher, tmp_path / str(fusion), schemes, workers=1, student_fusion=fusion)
+        stats = loop.refresh(cases, student, round_index=1)
+        assert stats == {"cases": len(cases), "available": len(cases)}
+        stores[fusion] = loop.unlabeled_folder
+    assert student.calls == 2 * len(cases), "each refresh predicts each case once (fused: mask and probability)"
+    m = {f: json.loads((stores[f] / "manifest.json").read_text()) for f in stores}
+    assert m[True]["params"]["extra"]["fusion"] == "max-student" and "fusion" not in m[False]["params"]["extra"]
+    for c in cases:
+        (q, conf), (fused, conf_f) = (load_pseudolabel(stores[f], c.case_id) for f in (False, True))
+        np.testing.assert_array_equal(conf, conf_f)
+        assert conf.all(), "every slice had a box from the disc"
+        _, p = student.with_probability(np.zeros((1, *q.shape[1:]), np.float32))
+        p16 = p[None].astype(np.float16).astype(np.float32)  # the store keeps float16; max commutes with rounding
+        np.testing.assert_array_equal(fused, np.maximum(q, p16))
+        assert (fused > q).any() and (fused == q).any(), "both sources contribute"
