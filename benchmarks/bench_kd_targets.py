@@ -1,0 +1,117 @@
+"""How good would the closed loop's unlabeled targets be, by prompt rule? An offline diagnosis of a finished KD accuracy
+run (`bench_medsam_mamba_kd.py accuracy --out OUT`), not a result table.
+
+For each 10 %-labeled run of OUT that trained a student (`nnUNetTrainer`, `TinyMUNetTrainer`, `MedSAMMambaKDTrainer`,
+...), the trained network predicts the *unlabeled training images* (`nnUNetv2_predict --save_probabilities`), and
+each target rule of METHODS.md §4.5 is scored against the labels `split-labels` kept aside (never read by training),
+mean Dice (%) over the unlabeled images that get a target in training, i.e. whose student mask has a §2.3 box (an
+empty target on a lesion-free image counts 100):
+
+- `student`:        the student's own mask (`argmax != 0`), what self-training would use;
+- `teacher`:        LiteMedSAM from the §2.3 boxes of the student's mask, max over boxes (the default closed loop);
+- `fused`:          `closed_loop.fuse_with_student` of the two, thresholded at 0.5 (`_fuseStudent`);
+- `teacher, GT boxes`: LiteMedSAM from the held-out labels' boxes (what perfect prompts would give).
+
+The teacher reads the raw RGB image (rule U inverts `RGBTo01Normalization` to the same bytes). CPU, single process:
+    python benchmarks/bench_kd_targets.py --out OUT [--runs nnUNetTrainer TinyMUNetTrainer]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+
+
+def predict_unlabeled(out: Path, run: Path, split: Path, dest: Path) -> Path:
+    """`nnUNetv2_predict` of the run's final checkpoint on the split's imagesUnlabeled, with probabilities."""
+    from nnunet_semisam.cli.trainers_path import trainers_path
+
+    results = run / "nnUNet_results"
+    model = next(results.glob("*/*__*__2d"))
+    if not any(dest.glob("*.npz")):
+        env = {**os.environ, "nnUNet_raw": str(out / "nnUNet_raw"), "nnUNet_preprocessed": str(
+            out / "nnUNet_preprocessed"), "nnUNet_results": str(results), "nnUNet_extTrainer": trainers_path()}
+        subprocess.run(["nnUNetv2_predict", "-i", str(split / "imagesUnlabeled"), "-o", str(dest), "-d",
+                        model.parent.name, "-c", "2d", "-f", "all", "-tr", model.name.split("__")[0], "-device", "cpu",
+                        "-npp", "0", "-nps", "0", "--save_probabilities", "--disable_progress_bar"],
+                       env=env, check=True, capture_output=True, text=True)
+    return dest
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output folder of bench_medsam_mamba_kd.py accuracy")
+    p.add_argument("--runs", nargs="*", default=None, help="trainer names of the 10 %% runs (default: all)")
+    a = p.parse_args()
+    from PIL import Image
+
+    from nnunet_semisam.teachers.closed_loop import fuse_with_student
+    from nnunet_semisam.teachers.factory import load_teacher
+    from nnunet_semisam.teachers.prompts import boxes_from_mask
+
+    out = Path(a.out).resolve()
+    split = next((out / "nnUNet_raw").glob("Dataset*_10pct_s*"), None)
+    if split is None or not (split / "labelsUnlabeled_heldout").is_dir():
+        sys.exit(f"error: no 10 % split with held-out labels under {out / 'nnUNet_raw'}")
+    runs = sorted(r for r in (out / "runs").glob("10pct_s*_*") if (r / "nnUNet_results").is_dir() and any(
+        (r / "nnUNet_results").glob("*/*/fold_all/checkpoint_final.pth")))
+    if a.runs:
+        runs = [r for r in runs if r.name.split("_", 2)[2] in a.runs]
+    teacher = load_teacher(None)
+    cases = sorted(f.name[: -len("_0000.png")] for f in (split / "imagesUnlabeled").glob("*_0000.png"))
+    images = {c: np.asarray(Image.open(split / "imagesUnlabeled" / f"{c}_0000.png").convert("RGB")) for c in cases}
+    gts = {c: np.asarray(Image.open(split / "labelsUnlabeled_heldout" / f"{c}.png")) > 0 for c in cases}
+    embeddings = {c: teacher.embed(images[c]) for c in cases}
+
+    def teacher_map(c: str, mask: np.ndarray, min_area: int) -> np.ndarray | None:
+        """Max over the §2.3 boxes of `mask` (labeled targets use min_area 1, student boxes 10); None: no box."""
+        boxes = boxes_from_mask(mask, min_area=min_area, max_boxes=5)
+        return teacher.segment(embeddings[c], boxes, mask.shape).amax(0).numpy() if len(boxes) else None
+
+    rows = {}
+    gt_box = []
+    for c in cases:
+        q = teacher_map(c, gts[c], 1)
+        gt_box.append(dice(np.zeros_like(gts[c]) if q is None else q > 0.5, gts[c]))
+    for run in runs:
+        pred = predict_unlabeled(out, run, split, out / "kd_targets" / run.name)
+        scores = {"student": [], "teacher": [], "fused": []}
+        boxed = 0
+        for c in cases:
+            mask = np.asarray(Image.open(pred / f"{c}.png")) > 0
+            with np.load(pred / f"{c}.npz") as z:
+                p_fg = 1.0 - z["probabilities"][0, 0].astype(np.float32)  # (C, 1, H, W): 1 - background
+            q = teacher_map(c, mask, 10)
+            if q is None:  # no box: the trainer marks the image unavailable (no target)
+                continue
+            boxed += 1
+            scores["student"].append(dice(mask, gts[c]))
+            scores["teacher"].append(dice(q > 0.5, gts[c]))
+            scores["fused"].append(dice(fuse_with_student(q, np.ones_like(mask), p_fg) > 0.5, gts[c]))
+        rows[run.name] = {k: 100 * float(np.mean(v)) for k, v in scores.items()}
+        rows[run.name]["with a box"] = boxed
+    print(f"{len(cases)} unlabeled training images of {split.name}; teacher from GT boxes: "
+          f"{100 * np.mean(gt_box):.2f} % Dice\n")
+    print("Dice % on the images with a box:\n")
+    print("| 10 % run | student | teacher (student boxes) | fused | images with a box |\n|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['student']:.2f} | {r['teacher']:.2f} | {r['fused']:.2f} | {r['with a box']}/"
+              f"{len(cases)} |")
+    (out / "kd_targets.json").write_text(json.dumps({"teacher_gt_boxes": 100 * float(np.mean(gt_box)),
+                                                    "runs": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
