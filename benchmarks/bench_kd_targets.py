@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,20 +27,22 @@ import numpy as np
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+    """Dice of two masks, the project's metric (strict convention: two empty masks score 1)."""
+    from nnunet_semisam.evaluation.metrics import binary_metrics
+
+    return binary_metrics(a, b)["dice"]
 
 
 def predict_unlabeled(out: Path, run: Path, split: Path, dest: Path) -> Path:
-    """`nnUNetv2_predict` of the run's final checkpoint on the split's imagesUnlabeled, with probabilities."""
-    from nnunet_semisam.cli.trainers_path import trainers_path
+    """`nnUNetv2_predict` of the run's final checkpoint on the split's imagesUnlabeled, with probabilities, in the
+    benchmark machinery's environment for OUT (`runner.Context.env`)."""
+    from nnunet_semisam.benchmark import runner
 
     results = run / "nnUNet_results"
     model = next(results.glob("*/*__*__2d"))
     if not any(dest.glob("*.npz")):
-        env = {**os.environ, "nnUNet_raw": str(out / "nnUNet_raw"), "nnUNet_preprocessed": str(
-            out / "nnUNet_preprocessed"), "nnUNet_results": str(results), "nnUNet_extTrainer": trainers_path()}
+        dataset_id = int(split.name[len("Dataset"):].split("_")[0])
+        env = runner.Context(out, split, dataset_id, split.name, "2d", "cpu").env(results)
         subprocess.run(["nnUNetv2_predict", "-i", str(split / "imagesUnlabeled"), "-o", str(dest), "-d",
                         model.parent.name, "-c", "2d", "-f", "all", "-tr", model.name.split("__")[0], "-device", "cpu",
                         "-npp", "0", "-nps", "0", "--save_probabilities", "--disable_progress_bar"],

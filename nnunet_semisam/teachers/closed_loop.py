@@ -36,7 +36,6 @@ from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.teachers.pseudolabels import CaseSource, generate_pseudolabels
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # preprocessed case (C, *spatial) -> foreground mask (*spatial)
-ProbabilityFn = Callable[[np.ndarray], np.ndarray]  # preprocessed case -> foreground probability (*spatial), [0, 1]
 
 
 def fuse_with_student(teacher_prob: np.ndarray, conf: np.ndarray, student_prob: np.ndarray) -> np.ndarray:
@@ -235,9 +234,7 @@ class ClosedLoopTargets:
             mask, student[case.case_id] = predict_foreground.with_probability(data)
             return np.asarray(mask, bool)
 
-        def post_fn(case, prob, conf):
-            if not self.student_fusion:
-                return prob, conf
+        def fuse(case, prob, conf):
             return fuse_with_student(prob, conf, student.pop(case.case_id).reshape(prob.shape)), conf
 
         info = {"stage": f"closed-loop refresh round {round_index} (METHODS.md §4.5)"}
@@ -247,7 +244,7 @@ class ClosedLoopTargets:
             generate_pseudolabels(
                 self.teacher, cases, self.unlabeled_folder, params, self.normalization_schemes,
                 self.intensity_properties,
-                mask_fn=mask_fn, post_fn=post_fn, progress=self.progress, run_info=info, overwrite=True,
+                mask_fn=mask_fn, post_fn=fuse if self.student_fusion else None, progress=self.progress, run_info=info, overwrite=True,
                 workers=self.workers, num_parts=distributed.world_size(), part_id=distributed.rank())
         self._finish_shards(self.unlabeled_folder, params, info, cases)
         available = sum(bool((read_record(self.unlabeled_folder, c.case_id) or {}).get("available")) for c in cases)
