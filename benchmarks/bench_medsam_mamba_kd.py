@@ -178,10 +178,10 @@ def pseudolabel_dice(fold: Path, split: Path) -> dict:
 
     from nnunet_semisam.data.pseudolabel_store import load_pseudolabel, read_record
     from nnunet_semisam.data.split_labels import HELDOUT_LABELS
+    from nnunet_semisam.evaluation.metrics import binary_metrics
 
-    def dice(a, b):
-        s = a.sum() + b.sum()
-        return 100.0 if s == 0 else 200.0 * (a & b).sum() / s
+    def dice(a, b):  # percent; two empty masks score 100 (the project's strict convention)
+        return 100.0 * binary_metrics(a, b)["dice"]
 
     out = {}
     for store, labels in (("unlabeled", split / HELDOUT_LABELS), ("labeled", split / "labelsTr")):

@@ -33,8 +33,10 @@ METHOD = "SemiSAMPlusTrainer"
 
 
 def _dice(a, b) -> float:
-    s = a.sum() + b.sum()
-    return 100.0 if s == 0 else 200.0 * float((a & b).sum()) / float(s)
+    """Dice in percent by the project's metric (two empty masks score 100)."""
+    from nnunet_semisam.evaluation.metrics import binary_metrics
+
+    return 100.0 * binary_metrics(a, b)["dice"]
 
 
 def pseudolabel_quality(store: Path, heldout: Path) -> dict:
