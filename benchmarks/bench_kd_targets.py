@@ -31,6 +31,7 @@ import numpy as np
 
 THRESHOLDS = (0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
 
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two masks, the project's metric (strict convention: two empty masks score 1)."""
     from nnunet_semisam.evaluation.metrics import binary_metrics

@@ -244,8 +244,9 @@ class ClosedLoopTargets:
             generate_pseudolabels(
                 self.teacher, cases, self.unlabeled_folder, params, self.normalization_schemes,
                 self.intensity_properties,
-                mask_fn=mask_fn, post_fn=fuse if self.student_fusion else None, progress=self.progress, run_info=info, overwrite=True,
-                workers=self.workers, num_parts=distributed.world_size(), part_id=distributed.rank())
+                mask_fn=mask_fn, post_fn=fuse if self.student_fusion else None, progress=self.progress,
+                run_info=info, overwrite=True, workers=self.workers, num_parts=distributed.world_size(),
+                part_id=distributed.rank())
         self._finish_shards(self.unlabeled_folder, params, info, cases)
         available = sum(bool((read_record(self.unlabeled_folder, c.case_id) or {}).get("available")) for c in cases)
         return {"cases": len(cases), "available": int(available)}
