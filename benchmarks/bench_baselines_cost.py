@@ -1,12 +1,12 @@
 """Seconds per training iteration of every baseline against nnUNetTrainer, side by side in one run (issue 16).
 
-Real trainer objects (`nnUNetv2_train`'s `get_trainer_from_args`, CPU) on the same synthetic 2D RGB plans: nnUNetTrainer,
-Mean Teacher, UA-MT, CPS, BCP (self-training phase, its steady state for 75 % of a 2D run, and pre-training), URPC,
-MC-Net+, CCT. Each is started (`on_train_start`) and warmed up, then `train_step` is timed in interleaved blocks so
-that all trainers see the same machine load. Loaders are synchronous (`nnUNet_n_proc_DA=0`, no worker processes
-competing for the cores) and both batches are drawn outside the timed region: the labeled batch as nnU-Net does,
-the unlabeled batch by pre-fetching it and handing it to `train_step`. Reported: the median seconds per iteration and
-its ratio to nnUNetTrainer's; a JSON file and a table.
+Real trainer objects (`nnUNetv2_train`'s `get_trainer_from_args`, CPU) on the same synthetic 2D RGB plans:
+nnUNetTrainer, Mean Teacher, UA-MT, CPS, BCP (self-training phase, its steady state for 75 % of a 2D run, and
+pre-training), URPC, MC-Net+, CCT. Each is started (`on_train_start`) and warmed up, then `train_step` is timed in
+interleaved blocks so that all trainers see the same machine load. Loaders are synchronous (`nnUNet_n_proc_DA=0`, no
+worker processes competing for the cores) and both batches are drawn outside the timed region: the labeled batch as
+nnU-Net does, the unlabeled batch by pre-fetching it and handing it to `train_step`. Reported: the median seconds per
+iteration and its ratio to nnUNetTrainer's; a JSON file and a table.
 
 Usage: python benchmarks/bench_baselines_cost.py [--size 64] [--iters 10] [--threads 1] [--json OUT.json]
 """

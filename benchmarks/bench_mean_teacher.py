@@ -4,7 +4,8 @@ Target (issue 2): ratio <= 1.6. MeanTeacher's step at the default composition (B
 METHODS.md §1.2) = one forward/backward over 2B images plus one no-grad EMA forward over B images and the EMA update:
 with backward ~ 2 forwards that is (2*3 + 1) / 3 = 2.33x the FLOPs of a supervised step, so the ratio cannot reach 1.6
 at that composition. The script also measures SSL4MIS's composition (labeled_bs = batch_size / 2: B_l = B_u = B/2,
-the same total batch as the supervised run, (3 + 0.5) / 3 = 1.17x the FLOPs). Usage: python benchmarks/bench_mean_teacher.py [--size 128] [--iters 20]
+the same total batch as the supervised run, (3 + 0.5) / 3 = 1.17x the FLOPs).
+Usage: python benchmarks/bench_mean_teacher.py [--size 128] [--iters 20]
 """
 from __future__ import annotations
 

@@ -347,7 +347,8 @@ def main(argv=None) -> int:
         for r in results["scan"]:
             line = (f"  L={r['L']:>6} b={r['b']} d_inner={r['d_inner']} N={r['d_state']}: forward sequential "
                     f"{r['seq_fwd_s'] * 1e3:8.1f} ms, chunked {r['chunked_fwd_s'] * 1e3:7.1f} ms "
-                    f"({r['speedup_fwd']:.1f}x), numba {r['numba_fwd_s'] * 1e3:7.1f} ms ({r['numba_speedup_fwd']:.1f}x; "
+                    f"({r['speedup_fwd']:.1f}x), numba {r['numba_fwd_s'] * 1e3:7.1f} ms "
+                    f"({r['numba_speedup_fwd']:.1f}x; "
                     f"x{r['chunked_fwd_s'] / r['numba_fwd_s']:.1f} vs chunked) (max rel. err chunked "
                     f"{r['max_rel_err']:.1e}, numba {r['numba_max_rel_err']:.1e})")
             line += (f"\n{'':10}fwd+bwd: chunked {r['chunked_fwd_bwd_s'] * 1e3:.0f} ms, numba "
@@ -384,11 +385,13 @@ def main(argv=None) -> int:
         print("(c) scan forward + backward: hand-written backward vs autograd through the chunked steps")
         for r in bw["scan"]:
             print(f"  b={r['b']} d_inner={r['d_inner']} L={r['L']:>5}: hand-written {r['hand_s'] * 1e3:7.1f} ms, "
-                  f"autograd + checkpoint {r['autograd_ckpt_s'] * 1e3:7.1f} ms (x{r['autograd_ckpt_s'] / r['hand_s']:.2f}), "
+                  f"autograd + checkpoint {r['autograd_ckpt_s'] * 1e3:7.1f} ms "
+                  f"(x{r['autograd_ckpt_s'] / r['hand_s']:.2f}), "
                   f"autograd {r['autograd_s'] * 1e3:7.1f} ms (x{r['autograd_s'] / r['hand_s']:.2f})")
         ts = bw["train_step"]
         print(f"  paper Tiny-MUNet training step (256x256, batch 2): hand-written {ts['hand_s'] * 1e3:.0f} ms, "
-              f"autograd + checkpoint {ts['autograd_ckpt_s'] * 1e3:.0f} ms (x{ts['autograd_ckpt_s'] / ts['hand_s']:.2f})",
+              f"autograd + checkpoint {ts['autograd_ckpt_s'] * 1e3:.0f} ms "
+              f"(x{ts['autograd_ckpt_s'] / ts['hand_s']:.2f})",
               flush=True)
     if not args.skip_compile:
         results["compile"] = c = bench_compile()

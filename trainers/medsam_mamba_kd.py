@@ -120,8 +120,8 @@ class MedSAMMambaKDTrainer(KDStudentTrainerMixin, SemiSupervisedTrainer):
 
     def preflight_checks(self) -> None:
         """The base checks (unlabeled and labeled folders), then this method's: every string setting is one of
-        `SETTINGS`, `teacher_input_size` is "auto" / "native" / "patch" / "windows" / a positive side,
-        `teacher_channel` is an image channel, and the teacher loads (`load_teacher_once`: a missing, truncated, random-bytes or non-SAM
+        `SETTINGS`, `teacher_input_size` is "auto" / "native" / "patch" / "windows" / a positive side, `teacher_channel`
+        is an image channel, and the teacher loads (`load_teacher_once`: a missing, truncated, random-bytes or non-SAM
         checkpoint, or an unset `$SEMISAM_SAM_CHECKPOINT` for the SAM ablation, is a one-line error here)."""
         super().preflight_checks()
         name = self.__class__.__name__
@@ -196,7 +196,8 @@ class MedSAMMambaKDTrainer(KDStudentTrainerMixin, SemiSupervisedTrainer):
         return dataset_tr, dataset_val
 
     def unlabeled_dataset(self, cases: list[str]):
-        return SoftTargetDataset(self.unlabeled_folder, cases, store_folder=os.path.join(self.targets_root, "unlabeled"))
+        return SoftTargetDataset(self.unlabeled_folder, cases,
+                                 store_folder=os.path.join(self.targets_root, "unlabeled"))
 
     def get_training_transforms(self, *args, **kwargs):
         """nnU-Net's pipeline with intensity transforms kept off the appended channels."""

@@ -46,7 +46,8 @@ class MedSAMMambaKDTrainer_SAM(MedSAMMambaKDTrainer):
 
 
 class MedSAMMambaKDTrainer_teacherNative(MedSAMMambaKDTrainer):
-    """FPKDM teacher features at the teacher's native side on every device (LiteMedSAM 256, MedSAM 1024; METHODS.md §2.8)."""
+    """FPKDM teacher features at the teacher's native side on every device
+    (LiteMedSAM 256, MedSAM 1024; METHODS.md §2.8)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -74,7 +75,8 @@ class MedSAMMambaKDTrainer_fbvmValidNone(MedSAMMambaKDTrainer):
 
 
 class MedSAMMambaKDTrainer_fbvmValidNonmin(MedSAMMambaKDTrainer):
-    """FBVM valid mask = pixels above the image minimum (the rule that misses 0-padding of z-scored data, METHODS.md §4.2)."""
+    """FBVM valid mask = pixels above the image minimum
+    (the rule that misses 0-padding of z-scored data, METHODS.md §4.2)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):

@@ -2,8 +2,9 @@
 
 nnU-Net's convention (`nnUNetTrainer_5epochs`): a variant only sets schedule attributes and calls `super()`.
 `nnUNetTrainer_smoke` is the supervised baseline used by this plugin's tests (2 epochs of 10 iterations);
-`nnUNetTrainer_demo` the baseline of `nnunet-semisam demo`, `nnUNetTrainer_bench` that of the accuracy benchmark. Semi-supervised trainers have their own variants with the
-same schedule in their modules (e.g. `MeanTeacherTrainer_smoke`), so comparisons are like for like.
+`nnUNetTrainer_demo` the baseline of `nnunet-semisam demo`, `nnUNetTrainer_bench` that of the accuracy benchmark.
+Semi-supervised trainers have their own variants with the same schedule in their modules (e.g.
+`MeanTeacherTrainer_smoke`), so comparisons are like for like.
 
 `_smoke` runs skip nnU-Net's final validation (`skip_final_validation`): it spawns two worker processes (export and
 metrics), each re-importing torch and nnU-Net, about 17 s of a 40 s smoke run on 2 cores, and the tests predict the

@@ -1,4 +1,5 @@
-"""URPC, uncertainty rectified pyramid consistency (Luo et al., MICCAI 2021), on nnU-Net as in SSL4MIS (METHODS.md §8.5).
+"""URPC, uncertainty rectified pyramid consistency (Luo et al., MICCAI 2021), on nnU-Net as in SSL4MIS
+(METHODS.md §8.5).
 
 The pyramid is nnU-Net's own deep-supervision output list: the first S = min(4, number of DS outputs) logits
 `z^0 .. z^{S-1}` (z^0 at full resolution), each nearest-upsampled to full resolution (`F.interpolate` defaults, as

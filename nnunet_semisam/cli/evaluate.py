@@ -1,4 +1,5 @@
-"""`nnunet-semisam evaluate PRED GT`: Dice, Jaccard, HD, HD95, ASD (mm and voxels) of a prediction folder (METHODS.md §9)."""
+"""`nnunet-semisam evaluate PRED GT`: Dice, Jaccard, HD, HD95, ASD (mm and voxels) of a prediction folder
+(METHODS.md §9)."""
 from __future__ import annotations
 
 import argparse

@@ -17,7 +17,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pseudolabel", help="teacher pseudo-labels (MedSAM / MedSAM2, Algorithm 2) for preprocessed cases",
+    p = sub.add_parser("pseudolabel",
+                       help="teacher pseudo-labels (MedSAM / MedSAM2, Algorithm 2) for preprocessed cases",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-d", required=True, help="dataset id or name")
     p.add_argument("-c", default="2d", help="configuration (default 2d)")

@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "trainers-path",
         help="print the value for nnUNet_extTrainer",
-        description="Print the folder of this plugin's trainers. Use: export nnUNet_extTrainer=$(nnunet-semisam trainers-path)",
+        description="Print the folder of this plugin's trainers. "
+                    "Use: export nnUNet_extTrainer=$(nnunet-semisam trainers-path)",
     )
     p.set_defaults(func=lambda args: print(trainers_path()))

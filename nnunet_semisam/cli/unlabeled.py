@@ -34,7 +34,8 @@ def run_verify(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preprocess-unlabeled", help="preprocess imagesUnlabeled/ with the plans' preprocessing",
                        description="Apply exactly the plans' preprocessing to the dataset's imagesUnlabeled/ cases "
-                                   "and store them next to the labeled preprocessed data (<data_identifier>_unlabeled). "
+                                   "and store them next to the labeled preprocessed data "
+                                   "(<data_identifier>_unlabeled). "
                                    "Re-running skips finished cases whose raw files are unchanged, redoes changed "
                                    "ones and removes cases no longer in imagesUnlabeled/.")
     p.add_argument("-d", required=True, help="dataset id or name")

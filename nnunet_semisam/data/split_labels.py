@@ -1,4 +1,5 @@
-"""Label-ratio protocols of the seed papers: keep some training cases labeled, make the rest unlabeled (METHODS.md §1.2).
+"""Label-ratio protocols of the seed papers: keep some training cases labeled, make the rest unlabeled
+(METHODS.md §1.2).
 
 `split_labels` turns a fully labeled raw dataset into the semi-supervised layout of this plugin: the chosen labeled
 cases stay in `imagesTr/labelsTr`; the others move to `imagesUnlabeled/` (same `CASE_XXXX.ext` names) and their
@@ -269,7 +270,8 @@ def _report_clean(pp_dir: Path | None, n: int, dataset_dir: Path) -> None:
 def split_labels(dataset_dir: str | os.PathLike, fraction: float | None = None, num_labeled: int | None = None,
                  seed: int = 0, force: bool = False, by_case: bool = False, num_processes: int = 1,
                  progress: bool = True, clean_preprocessed: bool = False) -> dict:
-    """Keep `fraction` (rounded half up, at least 1) or `num_labeled` units labeled; move the rest to the unlabeled pool.
+    """Keep `fraction` (rounded half up, at least 1) or `num_labeled` units labeled; move the rest to the
+    unlabeled pool.
 
     Units are patients when `conversion.json` has `groups` (unless `by_case`), else cases. Returns the plan as
     written to `split_labels.json`. Raises `SemiSAMError` for bad arguments, a dataset already split (without

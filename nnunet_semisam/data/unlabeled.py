@@ -211,8 +211,9 @@ def read_case(case: str, files: list[str], reader_class):
 def _check_case(args: tuple) -> str | None:
     """Return None if the case is fine, else a one-line error naming its file.
 
-    `args` = (case, files, dataset_json, reader_class[, geometry]) where the optional geometry `(transpose_forward, target_spacing,
-    patch_size)` of a plans configuration enables the check that the resampled case is at least one patch large.
+    `args` = (case, files, dataset_json, reader_class[, geometry]) where the optional geometry
+    `(transpose_forward, target_spacing, patch_size)` of a plans configuration enables the check that the resampled
+    case is at least one patch large.
     """
     case, files, dataset_json, reader_class = args[:4]
     geometry = args[4] if len(args) > 4 else None
@@ -427,7 +428,8 @@ class _CaseWriter:
     """
 
     def __init__(self, plans: dict, configuration: str, dataset_json: dict, out_folder: str, reader_class=None):
-        self.plans, self.configuration, self.dataset_json, self.out_folder = plans, configuration, dataset_json, out_folder
+        self.plans, self.configuration, self.dataset_json, self.out_folder = (plans, configuration, dataset_json,
+                                                                              out_folder)
         self.reader_class = reader_class  # to name the cause when nnU-Net's preprocessor fails without a reason
 
     def __call__(self, job: tuple[str, list[str]]) -> str:

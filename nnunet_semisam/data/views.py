@@ -39,8 +39,9 @@ def split_pipeline(pipeline: ComposeTransforms) -> tuple[list[BasicTransform], l
     """Split an nnU-Net training pipeline into (geometric, photometric) transform lists, in order.
 
     Label-only steps (label removal, deep-supervision downsampling, masking) are dropped: unlabeled patches have
-    no label; the masking step is taken separately by `masking_steps`. Mirroring moves behind the photometric steps' position, which is equivalent because every photometric
-    transform of nnU-Net is voxel-wise or mirror-symmetric (Gaussian blur, low-resolution simulation).
+    no label; the masking step is taken separately by `masking_steps`. Mirroring moves behind the photometric steps'
+    position, which is equivalent because every photometric transform of nnU-Net is voxel-wise or mirror-symmetric
+    (Gaussian blur, low-resolution simulation).
     """
     geometric, photometric = [], []
     for t in pipeline.transforms:

@@ -86,7 +86,8 @@ def _as_bool(x: np.ndarray) -> np.ndarray:
 
 
 def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
-    """Directed surface distances d_{A->B}: for each border voxel of `a`, the distance to the nearest border voxel of `b`.
+    """Directed surface distances d_{A->B}: for each border voxel of `a`, the distance to the nearest
+    border voxel of `b`.
 
     Same values in the same order as medpy's `__surface_distances(a, b, spacing, connectivity=1)` (METHODS.md §9):
     border = `X XOR binary_erosion(X, generate_binary_structure(ndim, 1))`, distances from

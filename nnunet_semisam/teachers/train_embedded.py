@@ -11,16 +11,17 @@ Architecture: `segment_anything` classes with MedSAM's geometry (1024² input, p
 Keeping MedSAM's 4096-token geometry is what makes CPU training slow (memory-bound skinny matmuls), hence the width.
 
 Data: `nnunet_semisam.data.synthetic.synth_case` with kinds "2d-rgb" and "2d-mri", random shapes 48-144 px, random
-lesion polarity, contrast U(0.35, 0.9) (clearer than the demo's 0.25), lower noise/texture/bias, from `SeedSequence(10_000)` (training) and `SeedSequence(10_001)` (held-out
-evaluation), disjoint from the seeds 0..999 of the demo and the tests. MRI images go through rule U
-(`to_uint8`, percentile scaling) on a random modality. Input preprocessing is MedSAM's reference pipeline: the
-order-3 resize to 1024² is computed as an exact separable linear map (`resize_matrix`, same uint8 result as
-`skimage.transform.resize`), which makes training ~100× cheaper than calling skimage per image.
+lesion polarity, contrast U(0.35, 0.9) (clearer than the demo's 0.25), lower noise/texture/bias, from
+`SeedSequence(10_000)` (training) and `SeedSequence(10_001)` (held-out evaluation), disjoint from the seeds 0..999 of
+the demo and the tests. MRI images go through rule U (`to_uint8`, percentile scaling) on a random modality. Input
+preprocessing is MedSAM's reference pipeline: the order-3 resize to 1024² is computed as an exact separable linear map
+(`resize_matrix`, same uint8 result as `skimage.transform.resize`), which makes training ~100× cheaper than calling
+skimage per image.
 
 Prompts per image: 2, each either a per-component box (tight, or jittered by up to 8 % of the image side), the
 whole-mask box, or 1-2 positive points plus 0-1 negative point; target = foreground inside the box (boxes) or the
-clicked component (points). Loss: soft Dice + 0.5 x weighted BCE on the decoder's single-mask output, bilinearly resized to
-the image size (the inference output); BCE weight 1 inside the box grown by 25 % (0.1 outside) and positives
+clicked component (points). Loss: soft Dice + 0.5 x weighted BCE on the decoder's single-mask output, bilinearly
+resized to the image size (the inference output); BCE weight 1 inside the box grown by 25 % (0.1 outside) and positives
 up-weighted by the negative/positive ratio inside it (capped at 10), so that small lesions do not collapse to
 background. AdamW, cosine LR over `max(step/steps, elapsed/time_budget)`.
 
@@ -232,7 +233,8 @@ def train(out: str, steps: int = 6000, time_budget: float = 25 * 60, batch: int 
         hist.append(float(loss.detach()))
         step += 1
         if step % log_every == 0 or step <= 3:
-            print(f"step {step} loss {np.mean(hist[-log_every:]):.4f} dice {np.mean(train_dice[-2 * log_every:]):.3f} lr {opt.param_groups[0]['lr']:.2e} "
+            print(f"step {step} loss {np.mean(hist[-log_every:]):.4f} "
+                  f"dice {np.mean(train_dice[-2 * log_every:]):.3f} lr {opt.param_groups[0]['lr']:.2e} "
                   f"elapsed {time.time() - t0:.0f}s", flush=True)
     sam.eval()
     info = {"train_steps": step, "train_seconds": round(time.time() - t0, 1), "train_seed": seed, "batch": batch,

@@ -50,7 +50,8 @@ def bench(tmp_path_factory) -> dict:
                                     num_test=3, shape=(32, 32), seed=0, params=SynthParams(contrast=0.8),
                                     progress=False)
     out = root / "bench"
-    cmd = ["nnunet-semisam", "benchmark", "-d", str(SOURCE_ID), "-c", "2d", "-tr", "MeanTeacherTrainer", "--fractions", "0.25", "--labeled", "3", "--seeds", "0", "--schedule", "smoke",
+    cmd = ["nnunet-semisam", "benchmark", "-d", str(SOURCE_ID), "-c", "2d", "-tr", "MeanTeacherTrainer",
+           "--fractions", "0.25", "--labeled", "3", "--seeds", "0", "--schedule", "smoke",
            "-device", "cpu", "--no-reference", "-o", str(out), "--quiet"]
     t0 = time.time()
     proc = start_in_own_group(cmd, env)

@@ -50,7 +50,8 @@ def test_protocol_names():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(fractions=[1.0]), r"\(0, 1\)"), (dict(fractions=[0.0]), r"\(0, 1\)"), (dict(fractions=[float("nan")]), "0, 1"),
+    (dict(fractions=[1.0]), r"\(0, 1\)"), (dict(fractions=[0.0]), r"\(0, 1\)"),
+    (dict(fractions=[float("nan")]), "0, 1"),
     (dict(labeled=[0]), ">= 1"), (dict(fractions=None, labeled=None), "at least one label protocol"),
     (dict(seeds=[0, 0]), "duplicates"), (dict(seeds=[]), "at least one seed"), (dict(id_base=998), "past 999"),
     (dict(trainers=["MeanTeacherTrainer_smoke"]), "without its schedule suffix"),

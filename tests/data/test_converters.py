@@ -75,7 +75,8 @@ def make_kvasir(root: Path, n: int = 10) -> tuple[Path, dict[str, np.ndarray]]:
 
 
 def make_isic2018(root: Path, n: int = 10) -> Path:
-    """`ISIC2018_Task1-2_Training_Input/ISIC_XXXXXXX.jpg`, `ISIC2018_Task1_Training_GroundTruth/..._segmentation.png`."""
+    """`ISIC2018_Task1-2_Training_Input/ISIC_XXXXXXX.jpg`,
+    `ISIC2018_Task1_Training_GroundTruth/..._segmentation.png`."""
     rng = np.random.default_rng(RNG_SEED + 1)
     (root / "ISIC2018_Task1-2_Training_Input").mkdir(parents=True)
     (root / "ISIC2018_Task1_Training_GroundTruth").mkdir()
@@ -83,7 +84,8 @@ def make_isic2018(root: Path, n: int = 10) -> Path:
     for i in range(n):
         rgb, mask = _rgb_and_mask(rng, 20, 28)
         Image.fromarray(rgb).save(root / "ISIC2018_Task1-2_Training_Input" / f"ISIC_{24306 + i:07d}.jpg")
-        Image.fromarray(mask).save(root / "ISIC2018_Task1_Training_GroundTruth" / f"ISIC_{24306 + i:07d}_segmentation.png")
+        Image.fromarray(mask).save(root / "ISIC2018_Task1_Training_GroundTruth" /
+                                   f"ISIC_{24306 + i:07d}_segmentation.png")
     return root
 
 
@@ -152,7 +154,8 @@ def make_msd_3d(root: Path, task_name: str, n: int, modalities: dict, labels: di
     stem = task_name.split("_", 1)[1].lower()
     for i in range(n):
         shape = (6, 5, 4)
-        data = rng.integers(-200, 300, size=shape + ((len(modalities),) if len(modalities) > 1 else ())).astype(np.int16)
+        data = rng.integers(-200, 300,
+                            size=shape + ((len(modalities),) if len(modalities) > 1 else ())).astype(np.int16)
         lab = (rng.random(shape) > 0.7).astype(np.uint8)
         nib.save(nib.Nifti1Image(data, affine), task / "imagesTr" / f"{stem}_{i + 1}.nii.gz")
         nib.save(nib.Nifti1Image(lab, affine), task / "labelsTr" / f"{stem}_{i + 1}.nii.gz")
@@ -191,7 +194,8 @@ PANC_ROWS, PANC_COLS, PANC_SLICES = 12, 10, 5
 
 
 def make_pancreas(root: Path, n: int = 3) -> Path:
-    """TCIA: `Pancreas-CT/PANCREAS_NNNN/<study>/<series>/1-NNN.dcm` and `TCIA_pancreas_labels-02-05-2017/labelNNNN.nii.gz`.
+    """TCIA: `Pancreas-CT/PANCREAS_NNNN/<study>/<series>/1-NNN.dcm` and
+    `TCIA_pancreas_labels-02-05-2017/labelNNNN.nii.gz`.
 
     Slices are non-square (12 rows x 10 columns) and their InstanceNumber runs against the z position, so a
     converter that sorted by instance or forgot the label's (column, row, instance) order would misalign the label.

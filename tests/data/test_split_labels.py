@@ -180,7 +180,8 @@ def test_patient_groups_from_conversion_record(tmp_path: Path) -> None:
             lab = np.zeros((1, 8, 8), np.uint8)
             lab[0, :p % 4, :2] = 1  # patients 0, 4, 8 are tumour-free
             for c in range(2):
-                sitk.WriteImage(sitk.GetImageFromArray(lab.astype(np.float32) + c), str(ds / "imagesTr" / f"{case}_{c:04d}.nii.gz"))
+                sitk.WriteImage(sitk.GetImageFromArray(lab.astype(np.float32) + c),
+                                str(ds / "imagesTr" / f"{case}_{c:04d}.nii.gz"))
             sitk.WriteImage(sitk.GetImageFromArray(lab), str(ds / "labelsTr" / f"{case}.nii.gz"))
     generate_dataset_json(str(ds), {0: "FLAIR", 1: "T1w"}, {"background": 0, "whole tumour": 1}, len(groups),
                           ".nii.gz")

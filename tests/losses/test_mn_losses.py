@@ -45,7 +45,8 @@ def test_unlabeled_loss_hand_computed():
 
 
 def test_labeled_loss_hand_computed():
-    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]]).T.reshape(1, 2, 2, 1, 1)  # voxel 0: (1/4, 3/4); 1: (1/2, 1/2)
+    logits = torch.tensor([[0.0, math.log(3.0)],
+                           [0.0, 0.0]]).T.reshape(1, 2, 2, 1, 1)  # voxel 0: (1/4, 3/4); 1: (1/2, 1/2)
     labels = torch.tensor([1, 0]).view(1, 1, 2, 1, 1)
     ce = (-math.log(0.75) - math.log(0.5)) / 2
     # class 0: P = (1/4, 1/2), Y = (0, 1); class 1: P = (3/4, 1/2), Y = (1, 0)

@@ -47,7 +47,8 @@ def test_vectorised_exp_and_softplus_against_float64():
             out[i] = exp32(x[i]) if f_id == 0 else softplus32(x[i])
         return out
 
-    x = np.concatenate([np.linspace(-87.3, 88.0, 200_001), np.float32([0.0, -1e-8, 1e-8, 0.3465736])]).astype(np.float32)
+    x = np.concatenate([np.linspace(-87.3, 88.0, 200_001),
+                        np.float32([0.0, -1e-8, 1e-8, 0.3465736])]).astype(np.float32)
     ref = np.exp(x.astype(np.float64))
     assert np.abs(apply(0, x) / ref - 1).max() < 2e-7
     low = apply(0, np.float32([-90.0, -200.0, -np.inf]))
@@ -203,7 +204,8 @@ def test_kernel_leaves_torch_thread_count_unchanged():
 
     code = ("import torch\nfrom nnunet_semisam.networks.mamba import selective_scan_numba\n"
             "n = torch.get_num_threads()\n"
-            "x = [torch.randn(1, 2, 5), torch.rand(1, 2, 5), -torch.rand(2, 3), torch.randn(1, 3, 5), torch.randn(1, 3, 5)]\n"
+            "x = [torch.randn(1, 2, 5), torch.rand(1, 2, 5), -torch.rand(2, 3), torch.randn(1, 3, 5), "
+            "torch.randn(1, 3, 5)]\n"
             "x[0].requires_grad_()\nselective_scan_numba(*x).sum().backward()\nprint(n, torch.get_num_threads())\n")
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, OMP_NUM_THREADS="1"), check=True,
                          capture_output=True, text=True).stdout.split()

@@ -20,7 +20,8 @@ def test_checkpoint_is_shipped_small_and_self_describing():
     t = MedSAMTeacher.from_checkpoint(path)            # no model_type: read from the file, same path as MedSAM
     assert t.model_type == "semisam_tiny" and t.embedding_shape == (TINY_ARCH["prompt_embed_dim"], 64, 64)
     assert t.tap_blocks == (0, 1, 2, 3)
-    assert sum(p.numel() for p in t.sam.parameters()) == sum(p.numel() for p in build_sam_custom(**TINY_ARCH).parameters())
+    assert (sum(p.numel() for p in t.sam.parameters()) ==
+            sum(p.numel() for p in build_sam_custom(**TINY_ARCH).parameters()))
 
 
 def test_embedded_teacher_segments_a_synthetic_lesion():

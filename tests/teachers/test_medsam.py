@@ -227,7 +227,8 @@ def test_rule_u():
     x[0, 0, 2:8, 2:8] = np.linspace(0, 1, 36).reshape(6, 6)
     v = x[0][x[0] != -3.0]
     lo, hi = np.percentile(v, 0.5), np.percentile(v, 99.5)
-    ref = (np.clip(x[0], lo, hi) - np.clip(x[0], lo, hi).min()) / (np.clip(x[0], lo, hi).max() - np.clip(x[0], lo, hi).min()) * 255
+    ref = ((np.clip(x[0], lo, hi) - np.clip(x[0], lo, hi).min()) /
+           (np.clip(x[0], lo, hi).max() - np.clip(x[0], lo, hi).min()) * 255)
     ref[x[0] == -3.0] = 0
     np.testing.assert_array_equal(to_uint8(x, ["ZScoreNormalization"]), np.uint8(ref))
     # CT: undo the z-score with the plans' stats, window 40/400 ([-160, 240] HU), min-max

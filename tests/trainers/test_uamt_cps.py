@@ -60,7 +60,8 @@ def test_cps_kill_and_resume_restores_network2_and_optimizer2(tiny2d, tmp_path, 
     run_cmd(cmd + ["--c"], env)
     log = training_log(fold)
     saved_sum = sum(float(v.double().sum()) for v in net2.values())
-    restored = float(re.search(r"CPS network 2 and its optimizer restored \(sum of weights ([\d.e+-]+)\)", log).group(1))
+    restored = float(re.search(r"CPS network 2 and its optimizer restored \(sum of weights ([\d.e+-]+)\)",
+                               log).group(1))
     assert restored == pytest.approx(saved_sum, rel=1e-9)
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["semisam"]["global_step"] == 20

@@ -299,7 +299,8 @@ def resolve_output_dir(dataset_id: int, name: str, out_root: str | os.PathLike |
     if root.is_dir():
         clash = sorted(p.name for p in root.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir() and p.name != folder)
         if clash:
-            raise SemiSAMError(f"dataset id {dataset_id} is already used by {root / clash[0]}; choose another --dataset-id")
+            raise SemiSAMError(f"dataset id {dataset_id} is already used by {root / clash[0]}; "
+                               "choose another --dataset-id")
     return root / folder
 
 

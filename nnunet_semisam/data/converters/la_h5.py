@@ -44,7 +44,8 @@ def convert_la_case(unit: Unit, subset: str, dataset_dir: str, params: dict) -> 
             image = np.asarray(f["image"][:], dtype=np.float32)
             lab = np.asarray(f["label"][:])
         if image.ndim != 3 or image.shape != lab.shape:
-            raise SemiSAMError(f"{unit.files['image']}: image {image.shape} and label {lab.shape} must be equal 3D shapes")
+            raise SemiSAMError(f"{unit.files['image']}: image {image.shape} and label {lab.shape} "
+                               "must be equal 3D shapes")
         geometry = (LA_SPACING_MM, (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
         write_sitk(sitk_from_array(np.ascontiguousarray(image.transpose(2, 1, 0)), *geometry), images[0])
         write_sitk(sitk_from_array(np.ascontiguousarray((lab > 0).astype(np.uint8).transpose(2, 1, 0)), *geometry),
@@ -77,7 +78,8 @@ class LAH5Converter(Converter):
 
     def split(self, units: Sequence[Unit], opts: ConvertOptions) -> dict[str, str]:
         if opts.num_test is not None or opts.test_fraction is not None:
-            raise SemiSAMError("la-h5 uses the train.list/test.list split of UA-MT; --num-test/--test-fraction do not apply")
+            raise SemiSAMError("la-h5 uses the train.list/test.list split of UA-MT; "
+                               "--num-test/--test-fraction do not apply")
         test = {safe_case_id(n) for n in self.lists["Ts"]}
         return {u.uid: ("Ts" if u.uid in test else "Tr") for u in units}
 

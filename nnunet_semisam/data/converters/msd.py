@@ -90,7 +90,8 @@ def convert_msd_case(unit: Unit, subset: str, dataset_dir: str, params: dict) ->
                            f"{unit.files['image']} (size {spatial})")
     if img_info.GetDimension() == 3:
         if params["num_channels"] != 1:
-            raise SemiSAMError(f"{unit.files['image']} is 3D but dataset.json lists {params['num_channels']} modalities")
+            raise SemiSAMError(f"{unit.files['image']} is 3D but dataset.json lists "
+                               f"{params['num_channels']} modalities")
         _copy_atomic(unit.files["image"], images[0])
     else:
         import SimpleITK as sitk

@@ -84,7 +84,8 @@ class KvasirConverter(_Natural2DConverter):
     license = "research and educational use (see the Kvasir-SEG terms)"
 
     def scan(self, source: Path, opts: ConvertOptions) -> list[Unit]:
-        root = source / "Kvasir-SEG" if (source / "Kvasir-SEG").is_dir() and not (source / "images").is_dir() else source
+        root = (source / "Kvasir-SEG" if (source / "Kvasir-SEG").is_dir() and not (source / "images").is_dir()
+                else source)
         img_dir = require_dir(root / "images", "Kvasir-SEG images/*.jpg")
         mask_dir = require_dir(root / "masks", "Kvasir-SEG masks/*.jpg")
         files = visible_files(img_dir, (".jpg", ".jpeg", ".png"))
@@ -123,7 +124,8 @@ class HAM10000Converter(_Natural2DConverter):
     def scan(self, source: Path, opts: ConvertOptions) -> list[Unit]:
         if (source / HAM_MASKS).is_dir():
             mask_dir = source / HAM_MASKS
-            img_dirs = sorted(p for p in source.iterdir() if p.is_dir() and p.name.lower().startswith("ham10000_images"))
+            img_dirs = sorted(p for p in source.iterdir()
+                              if p.is_dir() and p.name.lower().startswith("ham10000_images"))
             if not img_dirs:
                 raise SemiSAMError(f"source layout mismatch: missing folder {source / 'HAM10000_images_part_1'} "
                                    f"(HAM10000 images next to {HAM_MASKS})")

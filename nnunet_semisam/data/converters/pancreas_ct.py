@@ -77,7 +77,8 @@ def convert_pancreas_case(unit: Unit, subset: str, dataset_dir: str, params: dic
         lab = np.asanyarray(nib.load(unit.files["label"]).dataobj)
         if lab.shape != (cols, rows, nz):
             raise SemiSAMError(f"label {unit.files['label']} has shape {lab.shape}, the DICOM series "
-                               f"{unit.files['dicom_dir']} has {nz} slices of {cols}x{rows}; expected ({cols}, {rows}, {nz})")
+                               f"{unit.files['dicom_dir']} has {nz} slices of {cols}x{rows}; "
+                               f"expected ({cols}, {rows}, {nz})")
         lab_rc = lab.transpose(1, 0, 2)  # (rows, cols, instance slice)
         lab_zyx = np.stack([lab_rc[:, :, rank[s]] for s in range(nz)]) > 0
         lab_img = sitk.GetImageFromArray(lab_zyx.astype(np.uint8))
