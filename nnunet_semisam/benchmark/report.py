@@ -2,9 +2,12 @@
 
 `results.csv` has one row per test case x run (done runs), and one row per run that is not done (status failed,
 running or pending, with the failed run's last log line), so nothing is silently dropped. A case's metric is the
-mean over the dataset's foreground labels. The summary groups runs by (method, protocol): each done run gives its
-mean over test cases, and a cell is the mean +- sample standard deviation (ddof 1) of those over seeds. Failed runs
-are counted in `n_failed` and never averaged. The p-value is the two-sided Wilcoxon signed-rank test
+mean over the dataset's foreground labels; `gt_empty` / `pred_empty` are 1 when the reference / prediction has no
+foreground of any label (an all-background prediction of a case with a lesion is the typical failure of a
+semi-supervised run that never leaves the background solution; summary.md counts them per run). The summary groups
+runs by (method, protocol): each done run gives its mean over test cases, and a cell is the mean +- sample standard
+deviation (ddof 1) of those over seeds, with a per-seed table next to it. Failed runs are counted in `n_failed` and
+never averaged. The p-value is the two-sided Wilcoxon signed-rank test
 (`scipy.stats.wilcoxon`) of the method's per-case Dice against the supervised baseline's at the same protocol,
 paired by (seed, case) over the seeds where both runs are done. Every file is written atomically.
 """
@@ -24,9 +27,10 @@ from nnunet_semisam.benchmark.plan import BASELINE, Run
 from nnunet_semisam.io import atomic_path, atomic_write_json, atomic_write_text
 
 METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_vox", "asd_vox")
+FLAGS = ("gt_empty", "pred_empty")
 RESULT_COLUMNS = ["run_index", "run_id", "method", "trainer", "protocol", "protocol_kind", "protocol_value",
-                  "labeled_fraction", "seed", "dataset", "status", "case", *METRICS, "train_s", "s_per_iteration",
-                  "train_wall_s", "peak_rss_mb", "plans_digest", "error"]
+                  "labeled_fraction", "seed", "dataset", "status", "case", *METRICS, *FLAGS, "train_s",
+                  "s_per_iteration", "train_wall_s", "peak_rss_mb", "plans_digest", "error"]
 SUMMARY_COLUMNS = ["method", "protocol", "labeled_fraction", "n_runs", "n_done", "n_failed", "dice_mean", "dice_std",
                    "hd95_mm_mean", "hd95_mm_std", "asd_mm_mean", "asd_mm_std", "wilcoxon_p", "n_pairs",
                    "train_s_mean", "s_per_iteration_mean", "peak_rss_mb_max"]
@@ -45,11 +49,14 @@ def _nanmean(values) -> float:
 
 
 def case_rows(metrics_json: dict) -> list[dict[str, float]]:
-    """Per test case: {case, metric: mean over labels} from a metrics.json of `evaluate_folders`."""
+    """Per test case: {case, metric: mean over labels, flag: 1 if empty for every label (None if not recorded)}
+    from a metrics.json of `evaluate_folders`."""
     rows = []
     for c in metrics_json["cases"]:
         per_label = list(c["metrics"].values())
-        rows.append({"case": c["case"], **{m: _nanmean(_f(v.get(m)) for v in per_label) for m in METRICS}})
+        flags = {k: (int(all(v[k] for v in per_label)) if all(k in v for v in per_label) else None) for k in FLAGS}
+        rows.append({"case": c["case"], **{m: _nanmean(_f(v.get(m)) for v in per_label) for m in METRICS},
+                     **flags})
     return rows
 
 
@@ -74,7 +81,7 @@ def collect(runs: Sequence[Run], records: dict[str, dict | None], metrics: dict[
             for c in case_rows(m):
                 out.append({**base, **c})
         else:
-            out.append({**base, "case": None, **{k: None for k in METRICS}})
+            out.append({**base, "case": None, **{k: None for k in METRICS + FLAGS}})
     return out
 
 
@@ -163,6 +170,40 @@ def _cell(s: dict) -> dict[str, str]:
             "ASD": _num(s["asd_mm_mean"]), "p": "" if math.isnan(p) else (f"{p:.3g}")}
 
 
+def per_seed(rows: Sequence[dict]) -> list[str]:
+    """summary.md's per-seed table: each (method, protocol)'s test Dice % per split seed, the seeds where it is
+    above nnUNetTrainer's run of the same seed and protocol, and, when the test set has cases with foreground, how
+    many of those cases its runs predicted all-background and its Dice % on them (mean over runs)."""
+    runs: dict[tuple, dict[Any, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["status"] == "done":
+            runs[(r["method"], r["protocol"])][r["seed"]].append(r)
+    if not runs:
+        return []
+    # the fully labeled reference has no split seed (None): its own column, last
+    seeds = sorted({sd for by_seed in runs.values() for sd in by_seed}, key=lambda x: (x is None, _f(x)))
+    mean = {k: {sd: 100 * _nanmean(_f(c["dice"]) for c in cs) for sd, cs in v.items()} for k, v in runs.items()}
+    head = ["Method", "Protocol", *["no split" if sd is None else f"seed {sd}" for sd in seeds], f"above {BASELINE}",
+            "foreground cases predicted empty", "Dice % on foreground cases"]
+    lines = ["", "## Per seed", "", "Test Dice % of each run; above: seeds where the run beats nnUNetTrainer's run "
+             "of the same seed and protocol; foreground cases: test cases whose reference has foreground "
+             "(predicted empty: all background, summed over the runs).", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for (method, protocol), by_seed in runs.items():
+        m = mean[(method, protocol)]
+        base = mean.get((BASELINE, protocol), {})
+        both = [sd for sd in m if sd in base]
+        above = "" if method == BASELINE or not both else f"{sum(m[sd] > base[sd] for sd in both)}/{len(both)}"
+        cases = [c for cs in by_seed.values() for c in cs]
+        fg = [c for c in cases if _f(c.get("gt_empty")) == 0]
+        empty = f"{sum(_f(c.get('pred_empty')) == 1 for c in fg)}/{len(fg)}" if fg else "n/a"
+        fg_dice = _num(100 * _nanmean([_nanmean(_f(c["dice"]) for c in cs if _f(c.get("gt_empty")) == 0)
+                                       for cs in by_seed.values()])) if fg else "n/a"
+        lines.append("| " + " | ".join([method, protocol, *[_num(m[sd]) if sd in m else "" for sd in seeds], above,
+                                        empty, fg_dice]) + " |")
+    return lines
+
+
 def markdown(summary: Sequence[dict], rows: Sequence[dict], title: str) -> str:
     """summary.md: the papers' layout (rows methods, columns protocols), a cost table, and the runs not done."""
     protos = list(dict.fromkeys(s["protocol"] for s in summary))
@@ -178,6 +219,7 @@ def markdown(summary: Sequence[dict], rows: Sequence[dict], title: str) -> str:
             c = _cell(by[(m, p)]) if (m, p) in by else {"Dice %": "", "HD95": "", "ASD": "", "p": ""}
             cells += [c["Dice %"], c["HD95"], c["ASD"], c["p"]]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += per_seed(rows)
     lines += ["", "## Cost", "", "| Method | Protocol | runs done | training s (mean) | s / iteration | peak RSS MB |",
               "|---|---|---|---|---|---|"]
     for s in summary:

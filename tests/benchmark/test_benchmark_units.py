@@ -106,6 +106,31 @@ def test_summary_means_over_seeds_wilcoxon_and_failed_runs():
     assert f"{100 * mt['dice_mean']:.2f} ± {100 * mt['dice_std']:.2f}" in md
 
 
+def test_per_seed_table_counts_empty_predictions_of_foreground_cases():
+    """summary.md's per-seed section, checked cell by cell on a hand-made table: 2 seeds x 3 cases, case c2 has no
+    foreground; MT predicts c0 empty in seed 1; the fully labeled reference has no seed ("no split" column)."""
+    def row(m, seed, case, dice, gt_empty, pred_empty, protocol="10 %"):
+        return {"run_id": f"{protocol}{seed}{m}", "method": m, "protocol": protocol, "labeled_fraction": 0.1,
+                "seed": seed, "status": "done", "case": case, "dice": dice, "gt_empty": gt_empty,
+                "pred_empty": pred_empty, "hd95_mm": None, "asd_mm": None, "train_s": None, "s_per_iteration": None,
+                "peak_rss_mb": None, "error": None}
+    rows = [row("nnUNetTrainer", 0, "c0", 0.5, 0, 0), row("nnUNetTrainer", 0, "c1", 0.3, 0, 0),
+            row("nnUNetTrainer", 0, "c2", 1.0, 1, 1), row("nnUNetTrainer", 1, "c0", 0.6, 0, 0),
+            row("nnUNetTrainer", 1, "c1", 0.2, 0, 0), row("nnUNetTrainer", 1, "c2", 0.0, 1, 0),
+            row("MeanTeacherTrainer", 0, "c0", 0.7, 0, 0), row("MeanTeacherTrainer", 0, "c1", 0.5, 0, 0),
+            row("MeanTeacherTrainer", 0, "c2", 1.0, 1, 1), row("MeanTeacherTrainer", 1, "c0", 0.0, 0, 1),
+            row("MeanTeacherTrainer", 1, "c1", 0.4, 0, 0), row("MeanTeacherTrainer", 1, "c2", 1.0, 1, 1),
+            row("nnUNetTrainer", None, "c0", 0.9, 0, 0, "100 %"), row("nnUNetTrainer", None, "c1", 0.7, 0, 0, "100 %")]
+    lines = [x for x in markdown(summarize(rows), rows, "t").splitlines() if x.startswith("| ")]
+    i = lines.index("| Method | Protocol | seed 0 | seed 1 | no split | above nnUNetTrainer | foreground cases "
+                    "predicted empty | Dice % on foreground cases |")
+    # nnU-Net: seeds (0.5+0.3+1)/3 = 60.00, (0.6+0.2+0)/3 = 26.67; foreground Dice ((0.5+0.3)/2 + (0.6+0.2)/2)/2
+    assert lines[i + 1] == "| nnUNetTrainer | 10 % | 60.00 | 26.67 |  |  | 0/4 | 40.00 |"
+    # MT: 73.33 > 60.00 and 46.67 > 26.67; c0 of seed 1 empty; foreground Dice ((0.7+0.5)/2 + (0+0.4)/2)/2 = 40
+    assert lines[i + 2] == "| MeanTeacherTrainer | 10 % | 73.33 | 46.67 |  | 2/2 | 1/4 | 40.00 |"
+    assert lines[i + 3] == "| nnUNetTrainer | 100 % |  |  | 80.00 |  | 0/2 | 80.00 |"
+
+
 def test_wilcoxon_undefined_cases_are_nan():
     assert math.isnan(wilcoxon_p([], []))
     assert math.isnan(wilcoxon_p([0.5, 0.5], [0.5, 0.5]))
@@ -117,13 +142,19 @@ def test_collect_rows_per_case_and_one_row_per_run_not_done():
     metrics = {"cases": [{"case": "a.png", "metrics": {"1": {"dice": 0.5, "jaccard": 1 / 3, "hd95_mm": 2.0,
                                                               "asd_mm": 1.0, "hd95_vox": 2.0, "asd_vox": 1.0},
                                                         "2": {"dice": 1.0, "jaccard": 1.0, "hd95_mm": None,
-                                                              "asd_mm": 0.0, "hd95_vox": 0.0, "asd_vox": 0.0}}}]}
+                                                              "asd_mm": 0.0, "hd95_vox": 0.0, "asd_vox": 0.0,
+                                                              "gt_empty": True, "pred_empty": True}}}]}
     records = {runs[0].run_id: {"status": "done", "train_s": 3.0}, runs[1].run_id: None}
     rows = collect(runs, records, {runs[0].run_id: metrics}, num_training=10)
     assert [(r["run_id"], r["status"], r["case"]) for r in rows] == [
         ("50pct_s0_nnUNetTrainer", "done", "a.png"), ("50pct_s0_MeanTeacherTrainer", "pending", None)]
     assert rows[0]["dice"] == 0.75 and rows[0]["hd95_mm"] == 2.0  # mean over labels, NaN left out
     assert rows[0]["labeled_fraction"] == 0.5 and rows[0]["train_s"] == 3.0
+    # empty flags need every label's: label 1 has none recorded here -> unknown (None), not "empty"
+    assert rows[0]["gt_empty"] is None and rows[0]["pred_empty"] is None and rows[1]["pred_empty"] is None
+    metrics["cases"][0]["metrics"]["1"].update(gt_empty=False, pred_empty=True)
+    rows = collect(runs, records, {runs[0].run_id: metrics}, num_training=10)
+    assert (rows[0]["gt_empty"], rows[0]["pred_empty"]) == (0, 1)  # empty = no foreground of any label
 
 
 def test_plans_digest_ignores_only_the_dataset_name(tmp_path):
