@@ -99,8 +99,10 @@ def resolve_source(o: BenchmarkOptions, preset: Preset | None, out: Path) -> tup
         did, name = s.pop("dataset_id"), s.pop("name")
         folder = out / "nnUNet_raw" / f"Dataset{did:03d}_{name}"
         if not (folder / "dataset.json").is_file() and not o.dry_run:
-            from nnunet_semisam.data.synthetic import make_synthetic_dataset
+            from nnunet_semisam.data.synthetic import SynthParams, make_synthetic_dataset
 
+            if "params" in s:
+                s["params"] = SynthParams(**s["params"])
             make_synthetic_dataset(out / "nnUNet_raw", did, name=name, num_unlabeled=0, progress=not o.quiet,
                                    overwrite=folder.exists(), **s)
         return (folder if (folder / "dataset.json").is_file() else None), did, folder.name  # None: a dry run

@@ -2,11 +2,14 @@
 §8 against supervised nnU-Net at the same 10 % labels, 3 seeds, in 2D and 3D. Plans only (`--dry-run`); the full
 comparison is CPU-hours."""
 import importlib
+import json
 import re
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
-from nnunet_semisam.benchmark import BenchmarkOptions, run_benchmark
+from nnunet_semisam.benchmark import BenchmarkOptions, resolve_source, run_benchmark
 from nnunet_semisam.benchmark.presets import BASELINES, get_preset
 
 MODULES = {"MeanTeacherTrainer": "mean_teacher", "UAMTTrainer": "uamt", "CPSTrainer": "cps", "BCPTrainer": "bcp",
@@ -32,3 +35,18 @@ def test_baseline_preset_plan(preset, configuration, tmp_path, capsys):
     assert [(r[0], r[2]) for r in runs] == expected
     assert {r[3] for r in runs} == {configuration}
     assert not (tmp_path / "o").exists()  # a dry run generates nothing
+
+
+def test_baselines_3d_has_large_lesions(tmp_path):
+    """The 3D preset's generator settings reach make_synthetic_dataset as SynthParams (resolve_source): its lesions
+    are large enough (no tiny ones) for fully labeled nnU-Net to beat 10 % labels at the `_demo` schedule."""
+    p = get_preset("baselines-3d")
+    syn = {**p.synthetic, "num_labeled": 3, "num_test": 0}  # a small copy of the preset's dataset
+    small = type(p)(**{**p.__dict__, "synthetic": syn})
+    folder, did, name = resolve_source(BenchmarkOptions(out=str(tmp_path), preset="baselines-3d"), small, tmp_path)
+    assert (did, name) == (887, "Dataset887_BenchBaselines3DLarge") and folder.is_dir()
+    recorded = json.loads((folder / "dataset.json").read_text())["synthetic"]["params"]
+    assert recorded["tiny_fraction"] == 0.0 and tuple(recorded["size"]) == (0.15, 0.35)
+    labels = [sitk.GetArrayFromImage(sitk.ReadImage(str(f))) for f in sorted((folder / "labelsTr").iterdir())]
+    assert labels[0].shape == (16, 40, 40)
+    assert np.mean([lab.mean() for lab in labels if lab.any()]) > 0.01  # the default generator: 0.4 %
