@@ -205,7 +205,8 @@ def per_seed(rows: Sequence[dict]) -> list[str]:
 
 
 def markdown(summary: Sequence[dict], rows: Sequence[dict], title: str) -> str:
-    """summary.md: the papers' layout (rows methods, columns protocols), a cost table, and the runs not done."""
+    """summary.md: the papers' layout (rows methods, columns protocols), the per-seed table (`per_seed`), a cost
+    table, and the runs not done."""
     protos = list(dict.fromkeys(s["protocol"] for s in summary))
     methods = list(dict.fromkeys(s["method"] for s in summary))
     by = {(s["method"], s["protocol"]): s for s in summary}
