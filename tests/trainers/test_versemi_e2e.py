@@ -51,7 +51,10 @@ def test_train_resume_predict_per_task(versemi3d, tmp_path):
         prob = np.load(pred / f"{case}.npz")["probabilities"]
         assert prob.shape[0] == 5
         others = [c for c in range(1, 5) if c != task]
-        assert prob[others].max() < 1e-6 and prob[task].max() > 1e-3, (case, task, prob.max(axis=(1, 2, 3)))
+        # the other tasks' channels are masked (~1e-12); the prompted one is not, whatever a 20-step model predicts
+        # (measured 9e-4 to > 1e-3 across runs): orders of magnitude apart rather than a fixed level
+        assert prob[others].max() < 1e-6 and prob[task].max() > 1e4 * prob[others].max(), (
+            case, task, prob.max(axis=(1, 2, 3)))
         seg = np.asarray(__import__("SimpleITK").GetArrayFromImage(
             __import__("SimpleITK").ReadImage(str(pred / f"{case}.nii.gz"))))
         assert set(np.unique(seg).tolist()) <= {0, task}
@@ -65,7 +68,7 @@ def test_train_resume_predict_per_task(versemi3d, tmp_path):
     run_cmd(predict + ["-i", str(single), "-o", str(tmp_path / "pred_union")],
             {**env, "nnUNet_semisam_versemi_task": "union"})
     prob = np.load(tmp_path / "pred_union" / f"{case}.npz")["probabilities"]
-    assert prob[1:4].max() < 1e-6 and prob[4].max() > 1e-3
+    assert prob[1:4].max() < 1e-6 and prob[4].max() > 1e4 * prob[1:4].max()
 
     run_cmd(["nnunet-semisam", "evaluate", str(pred), str(raw / "labelsTs"), "--labels", "1", "2", "3", "--quiet"],
             env)
