@@ -194,11 +194,10 @@ def per_seed(rows: Sequence[dict]) -> list[str]:
         base = mean.get((BASELINE, protocol), {})
         both = [sd for sd in m if sd in base]
         above = "" if method == BASELINE or not both else f"{sum(m[sd] > base[sd] for sd in both)}/{len(both)}"
-        cases = [c for cs in by_seed.values() for c in cs]
-        fg = [c for c in cases if _f(c.get("gt_empty")) == 0]
+        fg_runs = [[c for c in cs if _f(c.get("gt_empty")) == 0] for cs in by_seed.values()]
+        fg = [c for cs in fg_runs for c in cs]
         empty = f"{sum(_f(c.get('pred_empty')) == 1 for c in fg)}/{len(fg)}" if fg else "n/a"
-        fg_dice = _num(100 * _nanmean([_nanmean(_f(c["dice"]) for c in cs if _f(c.get("gt_empty")) == 0)
-                                       for cs in by_seed.values()])) if fg else "n/a"
+        fg_dice = _num(100 * _nanmean([_nanmean(_f(c["dice"]) for c in cs) for cs in fg_runs])) if fg else "n/a"
         lines.append("| " + " | ".join([method, protocol, *[_num(m[sd]) if sd in m else "" for sd in seeds], above,
                                         empty, fg_dice]) + " |")
     return lines

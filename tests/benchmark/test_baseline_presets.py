@@ -1,6 +1,7 @@
 """The `baselines-2d` / `baselines-3d` presets of `nnunet-semisam benchmark` (issue 16): every baseline of METHODS.md
 §8 against supervised nnU-Net at the same 10 % labels, 3 seeds, in 2D and 3D. Plans only (`--dry-run`); the full
 comparison is CPU-hours."""
+import dataclasses
 import importlib
 import json
 import re
@@ -42,7 +43,7 @@ def test_baselines_3d_has_large_lesions(tmp_path):
     are large enough (no tiny ones) for fully labeled nnU-Net to beat 10 % labels at the `_demo` schedule."""
     p = get_preset("baselines-3d")
     syn = {**p.synthetic, "num_labeled": 3, "num_test": 0}  # a small copy of the preset's dataset
-    small = type(p)(**{**p.__dict__, "synthetic": syn})
+    small = dataclasses.replace(p, synthetic=syn)
     folder, did, name = resolve_source(BenchmarkOptions(out=str(tmp_path), preset="baselines-3d"), small, tmp_path)
     assert (did, name) == (887, "Dataset887_BenchBaselines3DLarge") and folder.is_dir()
     recorded = json.loads((folder / "dataset.json").read_text())["synthetic"]["params"]
