@@ -28,12 +28,9 @@ model teacher on the labeled cases and the dataset's `imagesUnlabeled/`:
 - Optimisation (§4.6): SGD (momentum 0.99, nesterov, wd 3e-5, none for A_log/D) over student and projectors, 100
   epochs, B_l = B_u = the plans' batch size, nnU-Net's lr 1e-2 + poly (the paper's 1e-3 + cosine is `_paperOptim`).
 
-Start-up checks (`preflight_checks`, before the network is built or a data worker starts; one-line errors): the base
-trainer's (unlabeled folder, labeled folder), the method's settings (FBVM mask and polarity, lr schedule, teacher
-weights, teacher channel), and the teacher itself: the checkpoint `$SEMISAM_TEACHER` (or `$SEMISAM_SAM_CHECKPOINT`
-for `_SAM`) names is loaded there (missing file, random bytes, truncated or foreign files such as an nnU-Net
-`checkpoint_final.pth`, a bundled LiteMedSAM whose sha256 does not match), once; training then uses that teacher.
-The closed-loop refresh and the labeled GT-box targets log their progress (cases done, elapsed time).
+Start-up checks (`preflight_checks`, before the network is built or a data worker starts): the base trainer's, the
+method's settings, and the teacher checkpoint, loaded once there; each failure is a one-line error naming the file or
+value. The closed-loop refresh and the labeled GT-box targets log their progress (cases done, elapsed time).
 
 Targets and embeddings live in the fold folder (`pseudolabels/`, `teacher_embeddings/`). `network_weights` in the
 checkpoint is the student; the projectors, the pseudo-label round and the FBVM polarity are extra state (`--c`).
@@ -54,13 +51,12 @@ from nnunet_semisam.losses.fbvm import estimate_polarity, fbvm_loss, nonmin_vali
 from nnunet_semisam.losses.fpkdm import FeatureProjector, fpkdm_responses
 from nnunet_semisam.losses.kd import kd_loss, response_distillation_loss
 from nnunet_semisam.networks.batchnorm import frozen_running_stats
-from nnunet_semisam.networks.kd_student import (KDStudentTrainerMixin, feature_shapes, standardize_per_image,
+from nnunet_semisam.networks.kd_student import (KDStudentTrainerMixin, standardize_per_image,
                                                 student_parameter_groups)
 from nnunet_semisam.schedules import CosineLRScheduler
-from nnunet_semisam.teachers.cache import EmbeddingCache
 from nnunet_semisam.teachers.closed_loop import ClosedLoopTargets, SlidingWindowForeground
-from nnunet_semisam.teachers.factory import TEACHER_TYPE_ENV, load_teacher, teacher_spec_from_environment
-from nnunet_semisam.teachers.feature_side import TeacherFeatures, feature_side, teacher_channels
+from nnunet_semisam.teachers.factory import load_training_teacher
+from nnunet_semisam.teachers.feature_side import TeacherFeatures, check_side_setting, fpkdm_pair
 from nnunet_semisam.teachers.pseudolabels import CaseSource
 from nnunet_semisam.trainers.semi_supervised import LossTerms, SemiSupervisedTrainer
 
@@ -113,63 +109,39 @@ class MedSAMMambaKDTrainer(KDStudentTrainerMixin, SemiSupervisedTrainer):
         self.pl_round = 0
         self.logger.local_logger.my_fantastic_logging.setdefault("pseudolabel_round", [])
 
-    # ------------------------------------------------------------------------------------------------ start-up checks
-    #: allowed values of the method's string settings (checked by `preflight_checks`)
+    # ------------------------------------------------------------------------------------------------ teacher
     SETTINGS = {"fbvm_valid_mask": ("background", "nonmin", "none"), "fbvm_polarity": ("estimate", "+1", "abs"),
                 "lr_schedule": ("poly", "cosine"), "teacher_weights": ("medsam", "sam")}
 
     def preflight_checks(self) -> None:
-        """The base checks (unlabeled and labeled folders), then this method's: every string setting is one of
-        `SETTINGS`, `teacher_input_size` is "auto" / "native" / "patch" / "windows" / a positive side, `teacher_channel`
-        is an image channel, and the teacher loads (`load_teacher_once`: a missing, truncated, random-bytes or non-SAM
-        checkpoint, or an unset `$SEMISAM_SAM_CHECKPOINT` for the SAM ablation, is a one-line error here)."""
+        """The base checks (folders, `SETTINGS`), then `teacher_input_size` (`teachers.feature_side`), the teacher
+        channel, and the teacher itself, loaded here once (a missing, truncated or foreign checkpoint, or no
+        `$SEMISAM_SAM_CHECKPOINT` for the SAM ablation, is a one-line error)."""
         super().preflight_checks()
-        name = self.__class__.__name__
-        for attr, allowed in self.SETTINGS.items():
-            if getattr(self, attr) not in allowed:
-                raise SemiSAMError(f"{name}.{attr} = {getattr(self, attr)!r}: expected one of {', '.join(allowed)}")
-        side = self.teacher_input_size
-        if not (side in ("auto", "native", "patch", "windows") or (str(side).isdigit() and int(side) > 0)):
-            raise SemiSAMError(f"{name}.teacher_input_size = {side!r}: expected 'auto', 'native', 'patch', 'windows' "
-                               "or a positive side in pixels")
+        check_side_setting(self.teacher_input_size, f"{self.__class__.__name__}.teacher_input_size")
         if not 0 <= int(self.teacher_channel) < self.num_image_channels:
-            raise SemiSAMError(f"{name}.teacher_channel = {self.teacher_channel}: the dataset has "
+            raise SemiSAMError(f"{self.__class__.__name__}.teacher_channel = {self.teacher_channel}: the dataset has "
                                f"{self.num_image_channels} image channel(s) ({self.dataset_json['channel_names']})")
         self.load_teacher_once()
 
-    # ------------------------------------------------------------------------------------------------ teacher
     def load_teacher_once(self):
-        """The frozen teacher of this run with its embedding cache: `teacher_spec`, else `$SEMISAM_TEACHER` (default
-        the bundled LiteMedSAM, `teachers.factory`). Loaded at the first call (preflight, or `initialize` when
-        resuming with `--c`), which is what checks the checkpoint; later calls return it."""
+        """The frozen teacher with its embedding cache in the fold folder (`teachers.factory`), loaded at the first
+        call (preflight, or `initialize` when resuming with `--c`)."""
         if self.teacher is None:
-            spec = self.teacher_spec or teacher_spec_from_environment(self.teacher_weights)
-            cache = EmbeddingCache(folder=os.path.join(self.output_folder, "teacher_embeddings"))
-            self.teacher = load_teacher(spec, device=self.device, cache=cache,
-                                        model_type=os.environ.get(TEACHER_TYPE_ENV) or None)
+            self.teacher, spec = load_training_teacher(self.teacher_spec, self.teacher_weights, os.path.join(
+                self.output_folder, "teacher_embeddings"), self.device)
             self.print_to_log_file(f"teacher: {spec} (model type {self.teacher.model_type}, sha1 "
                                    f"{(self.teacher.checkpoint_sha1 or '')[:12]})")
         return self.teacher
 
     def setup_teacher(self) -> None:
-        """The frozen teacher with its embedding cache, the FPKDM feature side and projectors P_l (§4.1)."""
+        """The teacher, and FPKDM's teacher features and projectors P_l (§4.1, `teachers.feature_side.fpkdm_pair`)."""
         self.load_teacher_once()
-        if not self.use_fpkdm:
-            return
-        shapes = feature_shapes(self.network, self.num_input_channels, self.configuration_manager.patch_size,
-                                self.device)
-        levels = min(len(shapes), len(self.teacher.tap_channels))
-        side = feature_side(self.teacher, self.teacher_input_size, self.configuration_manager.patch_size,
-                            shapes[0][1], self.device)
-        channels = teacher_channels(self.configuration_manager.normalization_schemes, self.teacher_channel)
-        self.features = TeacherFeatures(self.teacher, channels, side, levels)
-        self.projector = FeatureProjector(self.teacher.tap_channels[:levels], [c for c, _ in shapes[:levels]],
-                                          [g for _, g in shapes[:levels]], dropout=self.projector_dropout
-                                          ).to(self.device)
-        self.print_to_log_file(f"FPKDM: {levels} levels, student grids {[g for _, g in shapes[:levels]]}, projector "
-                               f"parameters {sum(p.numel() for p in self.projector.parameters()):,} (not part of the "
-                               f"student); teacher features at {side}x{side} (teacher_input_size "
-                               f"{self.teacher_input_size!r}, native {self.teacher.native_size})")
+        if self.use_fpkdm:
+            self.features, self.projector, line = fpkdm_pair(
+                self.teacher, self.network, self.num_input_channels, self.configuration_manager,
+                self.teacher_input_size, self.teacher_channel, self.projector_dropout, self.device)
+            self.print_to_log_file(line)
 
     def configure_optimizers(self):
         """SGD over student and projectors (§4.6); `lr_schedule` poly (nnU-Net) or cosine to `min_lr` (paper)."""

@@ -105,6 +105,8 @@ class SemiSupervisedTrainer(DistributedTrainerMixin, nnUNetTrainer):
     #: them towards the foreground of g's pseudo-masks, `nnunet_semisam.data.pseudo_mask_crops`)
     unlabeled_loader_class = nnUNetDataLoader
     unlabeled_foreground_percent = 0.0
+    #: a method's string settings and their allowed values, checked by `preflight_checks` ({attribute: choices})
+    SETTINGS: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -168,10 +170,15 @@ class SemiSupervisedTrainer(DistributedTrainerMixin, nnUNetTrainer):
     def preflight_checks(self) -> None:
         """Everything this trainer needs that can be checked before training starts; one-line `SemiSAMError`s.
 
-        Base: the labeled and unlabeled preprocessed folders (`_check_unlabeled_folder`). Subclasses add their own
-        checks (teacher checkpoints, settings) and call `super().preflight_checks()` first.
+        Base: every attribute named in `SETTINGS` holds one of its allowed values, and the labeled and unlabeled
+        preprocessed folders (`_check_unlabeled_folder`). Subclasses add their own checks (teacher checkpoints) and
+        call `super().preflight_checks()` first.
         """
         self.refuse_abstract()
+        for attr, allowed in self.SETTINGS.items():
+            if getattr(self, attr) not in allowed:
+                raise SemiSAMError(f"{self.__class__.__name__}.{attr} = {getattr(self, attr)!r}: expected one of "
+                                   f"{', '.join(map(str, allowed))}")
         self._checked_unlabeled_cases = self._check_unlabeled_folder()
 
     def labeled_case_ids(self) -> list[str]:

@@ -89,3 +89,14 @@ def teacher_spec_from_environment(weights: str = "medsam") -> str:
                                "sam_vit_b_01ec64.pth (nothing is downloaded)")
         return path
     return os.environ.get(TEACHER_ENV) or DEFAULT_TEACHER
+
+
+def load_training_teacher(spec: str | None, weights: str, cache_folder: str | os.PathLike,
+                          device: str | torch.device = "cpu"):
+    """A training run's frozen teacher: `spec`, else `teacher_spec_from_environment(weights)`; its embedding cache in
+    `cache_folder` (the fold folder's `teacher_embeddings/`), `$SEMISAM_TEACHER_TYPE` as the SAM model type.
+    Returns (teacher, the spec used)."""
+    spec = spec or teacher_spec_from_environment(weights)
+    teacher = load_teacher(spec, device=device, cache=EmbeddingCache(folder=cache_folder),
+                           model_type=os.environ.get(TEACHER_TYPE_ENV) or None)
+    return teacher, spec

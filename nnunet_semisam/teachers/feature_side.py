@@ -39,9 +39,23 @@ def _round_up(side: int, multiple: int) -> int:
     return -(-int(side) // multiple) * multiple
 
 
+#: the named settings of the feature side (module docstring); any positive int is allowed too
+SIDE_SETTINGS = ("auto", "native", "patch", "windows", "f1")
+
+
+def check_side_setting(setting: int | str, name: str = "teacher_input_size") -> None:
+    """One-line error unless `setting` is one of `SIDE_SETTINGS` or a positive side (an int or its digits)."""
+    positive = (isinstance(setting, int) and not isinstance(setting, bool) and setting > 0) or (
+        isinstance(setting, str) and setting.isdigit() and int(setting) > 0)
+    if not (positive or setting in SIDE_SETTINGS):
+        raise SemiSAMError(f"{name} = {setting!r}: expected {', '.join(map(repr, SIDE_SETTINGS))} or a positive side "
+                           "in pixels")
+
+
 def feature_side(teacher, setting: int | str, patch_size: Sequence[int], f1_grid: Sequence[int],
                  device: torch.device) -> int:
     """Square input side of the teacher's training-time features for `setting` (module docstring)."""
+    check_side_setting(setting)
     native = int(teacher.native_size)
     resizable = hasattr(teacher, "encoder_for")  # LiteMedSAM: a TinyViT for any multiple of `feature_multiple`
     if setting == "auto":
@@ -60,13 +74,10 @@ def feature_side(teacher, setting: int | str, patch_size: Sequence[int], f1_grid
         if not resizable:
             return native
         return min(native, _round_up(max(int(s) for s in patch_size), teacher.feature_multiple))
-    if setting == "f1":
-        side = int(teacher.tap_stride) * max(int(g) for g in f1_grid)
-        if resizable:
-            side = _round_up(side, teacher.feature_multiple)
-        return min(native, side)
-    raise SemiSAMError(f"teacher_input_size must be an int, 'auto', 'native', 'patch', 'windows' or 'f1', got "
-                       f"{setting!r}")
+    side = int(teacher.tap_stride) * max(int(g) for g in f1_grid)  # "f1"
+    if resizable:
+        side = _round_up(side, teacher.feature_multiple)
+    return min(native, side)
 
 
 def fill_background(x: torch.Tensor, background: torch.Tensor | None) -> torch.Tensor:
@@ -107,3 +118,27 @@ class TeacherFeatures:
     def reinject(self, t1: torch.Tensor) -> list[torch.Tensor]:
         """T_1 (clean or perturbed) -> [T_2..T_levels] (the teacher runs only the stages these taps need)."""
         return self.teacher.later_taps(t1, self.levels - 1)
+
+
+def fpkdm_pair(teacher, network: torch.nn.Module, num_input_channels: int, configuration_manager,
+               setting: int | str = "auto", teacher_channel: int = 0, dropout: float = 0.1,
+               device: torch.device = torch.device("cpu")):
+    """The two sides of FPKDM (METHODS.md §4.1) for a student built from nnU-Net plans: `TeacherFeatures` at the side
+    `setting` gives and the projectors P_l (`losses.fpkdm.FeatureProjector`) from the teacher's taps to the student's
+    F_1..F_L, L = min(student levels, teacher taps). Returns (features, projector, one line for the training log)."""
+    from nnunet_semisam.losses.fpkdm import FeatureProjector
+    from nnunet_semisam.networks.kd_student import feature_shapes
+
+    patch = configuration_manager.patch_size
+    shapes = feature_shapes(network, num_input_channels, patch, device)
+    levels = min(len(shapes), len(teacher.tap_channels))
+    grids = [g for _, g in shapes[:levels]]
+    side = feature_side(teacher, setting, patch, grids[0], device)
+    features = TeacherFeatures(teacher, teacher_channels(configuration_manager.normalization_schemes,
+                                                         teacher_channel), side, levels)
+    projector = FeatureProjector(teacher.tap_channels[:levels], [c for c, _ in shapes[:levels]], grids,
+                                 dropout=dropout).to(device)
+    line = (f"FPKDM: {levels} levels, student grids {grids}, projector parameters "
+            f"{sum(p.numel() for p in projector.parameters()):,} (not part of the student); teacher features at "
+            f"{side}x{side} (teacher_input_size {setting!r}, native {teacher.native_size})")
+    return features, projector, line

@@ -146,6 +146,18 @@ def test_feature_side_settings():
         feature_side(lite, "huge", (64, 64), (16, 16), cpu)
 
 
+def test_side_setting_check_names_the_value():
+    """Every named side of `feature_side` and any positive side pass; anything else is a one-line error."""
+    from nnunet_semisam.teachers.feature_side import SIDE_SETTINGS, check_side_setting
+
+    for ok in (*SIDE_SETTINGS, 1, 128, "128"):
+        check_side_setting(ok)
+    for bad in ("huge", 0, -64, "0", "-1", True, None, 1.5):
+        with pytest.raises(SemiSAMError, match=r"^Trainer.side = .*: expected 'auto', 'native', 'patch', 'windows', "
+                                               r"'f1' or a positive side in pixels$"):
+            check_side_setting(bad, "Trainer.side")
+
+
 def test_fill_background_sets_the_valid_minimum():
     from nnunet_semisam.teachers.feature_side import fill_background
 

@@ -193,6 +193,36 @@ def test_smoke_runs_skip_the_final_validation_unless_asked(dataset_copy, monkeyp
     assert calls == [False]
 
 
+def test_kd_settings_fail_before_the_teacher_loads_and_f1_builds_the_fpkdm_pair(dataset_copy):
+    """`SETTINGS` (checked by the base trainer), `teacher_input_size` (`teachers.feature_side.check_side_setting`)
+    and `teacher_channel` are one-line errors before any teacher is loaded; every documented side setting, "f1"
+    included, passes, and `setup_teacher` then builds the teacher features at the side `feature_side` gives."""
+    from nnunet_semisam.errors import SemiSAMError
+    from nnunet_semisam.networks.kd_student import feature_shapes
+    from nnunet_semisam.teachers.feature_side import feature_side
+
+    trainer = _trainer(KD)
+    for attr, value, message in [("fbvm_polarity", "-1", "fbvm_polarity = '-1': expected one of estimate, +1, abs"),
+                                 ("teacher_input_size", "huge", "teacher_input_size = 'huge': expected 'auto'"),
+                                 ("teacher_input_size", 0, "teacher_input_size = 0: expected"),
+                                 ("teacher_channel", 3, "teacher_channel = 3: the dataset has 3 image channel(s)")]:
+        old = getattr(trainer, attr)
+        setattr(trainer, attr, value)
+        with pytest.raises(SemiSAMError) as e:
+            trainer.preflight_checks()
+        assert str(e.value).startswith(f"{KD}.{attr}") and message in str(e.value), str(e.value)
+        setattr(trainer, attr, old)
+    assert trainer.teacher is None, "a failed setting check must come before the teacher is loaded"
+    trainer.teacher_input_size = "f1"
+    trainer.initialize()  # preflight (teacher loaded) is not needed first: configure_optimizers loads it once
+    patch = trainer.configuration_manager.patch_size
+    shapes = feature_shapes(trainer.network, trainer.num_input_channels, patch, trainer.device)
+    levels = min(len(shapes), len(trainer.teacher.tap_channels))
+    assert trainer.features.levels == levels == len(trainer.projector.levels)
+    assert trainer.features.side == feature_side(trainer.teacher, "f1", patch, shapes[0][1], trainer.device)
+    assert "FPKDM: " in _log(trainer) and f"teacher features at {trainer.features.side}x" in _log(trainer)
+
+
 def test_closed_loop_progress_counts_records_written_since_the_stage_began(tmp_path):
     """The refresh's progress lines count the cases whose store record was (re)written during the stage: a record
     of an earlier round counts only once it is replaced; a line per third of the cases and one at the end."""
