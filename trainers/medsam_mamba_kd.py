@@ -38,30 +38,27 @@ checkpoint is the student; the projectors, the pseudo-label round and the FBVM p
 from __future__ import annotations
 
 import os
-from time import time
 
 import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from nnunet_semisam.data.case_arrays import zscored_image_label_pairs
-from nnunet_semisam.data.soft_targets import SoftTargetDataset, image_channels_only, split_soft_targets
-from nnunet_semisam.distributed import unwrap
+from nnunet_semisam.data.soft_targets import SoftTargetTrainerMixin, split_soft_targets
 from nnunet_semisam.errors import SemiSAMError
-from nnunet_semisam.losses.fbvm import estimate_polarity, fbvm_loss, nonmin_valid_mask, valid_from_background
-from nnunet_semisam.losses.fpkdm import FeatureProjector, fpkdm_responses
+from nnunet_semisam.losses.fbvm import VALID_MASK_MODES, estimate_polarity, fbvm_loss, fbvm_valid_mask
+from nnunet_semisam.losses.fpkdm import FeatureProjector
 from nnunet_semisam.losses.kd import kd_loss, response_distillation_loss
-from nnunet_semisam.networks.batchnorm import frozen_running_stats
 from nnunet_semisam.networks.kd_student import (KDStudentTrainerMixin, standardize_per_image,
                                                 student_parameter_groups)
 from nnunet_semisam.schedules import CosineLRScheduler
-from nnunet_semisam.teachers.closed_loop import ClosedLoopTargets, SlidingWindowForeground
+from nnunet_semisam.teachers.closed_loop import ClosedLoopTargets
 from nnunet_semisam.teachers.factory import load_training_teacher
 from nnunet_semisam.teachers.feature_side import TeacherFeatures, check_side_setting, fpkdm_pair
 from nnunet_semisam.teachers.pseudolabels import CaseSource
 from nnunet_semisam.trainers.semi_supervised import LossTerms, SemiSupervisedTrainer
 
 
-class MedSAMMambaKDTrainer(KDStudentTrainerMixin, SemiSupervisedTrainer):
+class MedSAMMambaKDTrainer(SoftTargetTrainerMixin, KDStudentTrainerMixin, SemiSupervisedTrainer):
     loss_terms = ("supervised", "kd_l", "rd_l", "fbvm_l", "kd_u", "rd_u", "fbvm_u")
     compile_network = False
     compile_off_reason = ("FPKDM re-runs the student's later stages (`encode_from`) on perturbed features and the "
@@ -110,7 +107,7 @@ class MedSAMMambaKDTrainer(KDStudentTrainerMixin, SemiSupervisedTrainer):
         self.logger.local_logger.my_fantastic_logging.setdefault("pseudolabel_round", [])
 
     # ------------------------------------------------------------------------------------------------ teacher
-    SETTINGS = {"fbvm_valid_mask": ("background", "nonmin", "none"), "fbvm_polarity": ("estimate", "+1", "abs"),
+    SETTINGS = {"fbvm_valid_mask": VALID_MASK_MODES, "fbvm_polarity": ("estimate", "+1", "abs"),
                 "lr_schedule": ("poly", "cosine"), "teacher_weights": ("medsam", "sam")}
 
     def preflight_checks(self) -> None:
@@ -159,21 +156,13 @@ class MedSAMMambaKDTrainer(KDStudentTrainerMixin, SemiSupervisedTrainer):
     def targets_root(self) -> str:
         return os.path.join(self.output_folder, "pseudolabels")
 
-    def get_tr_and_val_datasets(self):
-        """nnU-Net's split; training cases carry their teacher maps and valid mask as extra channels."""
-        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
-        dataset_tr = SoftTargetDataset(self.preprocessed_dataset_folder, list(dataset_tr.identifiers),
-                                       self.folder_with_segs_from_previous_stage,
-                                       store_folder=os.path.join(self.targets_root, "labeled"))
-        return dataset_tr, dataset_val
+    @property
+    def labeled_store_folder(self) -> str:  # training cases carry their GT-box teacher maps (SoftTargetTrainerMixin)
+        return os.path.join(self.targets_root, "labeled")
 
-    def unlabeled_dataset(self, cases: list[str]):
-        return SoftTargetDataset(self.unlabeled_folder, cases,
-                                 store_folder=os.path.join(self.targets_root, "unlabeled"))
-
-    def get_training_transforms(self, *args, **kwargs):
-        """nnU-Net's pipeline with intensity transforms kept off the appended channels."""
-        return image_channels_only(super().get_training_transforms(*args, **kwargs), self.num_image_channels)
+    @property
+    def unlabeled_store_folder(self) -> str:
+        return os.path.join(self.targets_root, "unlabeled")
 
     # ------------------------------------------------------------------------------------------------ closed loop
     def on_train_start(self):
@@ -192,9 +181,8 @@ class MedSAMMambaKDTrainer(KDStudentTrainerMixin, SemiSupervisedTrainer):
                 zscored_image_label_pairs(self.preprocessed_dataset_folder, tr_keys))]
         self.print_to_log_file(f"FBVM polarity per channel (METHODS.md section 4.2): {self.polarity} "
                                f"(mode {self.fbvm_polarity})")
-        status = self.targets.labeled_targets([CaseSource(k, self.preprocessed_dataset_folder, True) for k in tr_keys])
-        self.print_to_log_file(f"labeled teacher targets from GT boxes: {sum(v == 'done' for v in status.values())} "
-                               f"computed, {sum(v == 'skipped' for v in status.values())} reused")
+        self.print_to_log_file(self.targets.labeled_start(
+            [CaseSource(k, self.preprocessed_dataset_folder, True) for k in tr_keys]))
         super().on_train_start()
 
     def is_refresh_epoch(self, epoch: int) -> bool:
@@ -212,37 +200,13 @@ class MedSAMMambaKDTrainer(KDStudentTrainerMixin, SemiSupervisedTrainer):
         cases = [CaseSource(k, self.unlabeled_folder, False) for k in self.unlabeled_cases]
         self.print_to_log_file(f"pseudo-label round {self.pl_round + 1}: student boxes -> teacher for {len(cases)} "
                                "unlabeled cases")
-        start = time()
-        predict = SlidingWindowForeground(unwrap(self.network), self.plans_manager, self.configuration_manager,
-                                          self.dataset_json, self.__class__.__name__, self.device)
-        self.network.eval()
-        try:
-            stats = self.targets.refresh(cases, predict, self.pl_round + 1)
-        finally:
-            self.network.train()
+        setup = (self.plans_manager, self.configuration_manager, self.dataset_json, self.__class__.__name__,
+                 self.device)
+        self.print_to_log_file(self.targets.student_round(self.network, setup, cases, self.pl_round + 1))
         self.restart_unlabeled_loader()  # batches prepared before the refresh carry the old maps
         self.pl_round += 1
-        self.print_to_log_file(f"pseudo-label round {self.pl_round}: {stats['available']}/{stats['cases']} unlabeled "
-                               f"cases have a pseudo-label ({time() - start:.1f} s; teacher embedding cache "
-                               f"{self.teacher.cache.hits} hits, {self.teacher.cache.misses} misses)")
 
     # ------------------------------------------------------------------------------------------------ losses
-    def response_deltas(self, x: torch.Tensor, background: torch.Tensor, features: list[torch.Tensor]):
-        """FPKDM responses (§4.1) of the whole batch: (teacher deltas, student deltas) for layers 2..L."""
-        levels = self.features.levels
-
-        def reinject_student(f1: torch.Tensor) -> list[torch.Tensor]:
-            with frozen_running_stats(self.network):  # the perturbed re-run must not move BN statistics
-                return unwrap(self.network).encode_from(1, f1)[:levels - 1]
-
-        return fpkdm_responses(self.features.first_tap(x, background), self.features.reinject, features[:levels],
-                               reinject_student, self.projector, self.fpkdm_sigma)
-
-    def fbvm_valid(self, x_std: torch.Tensor, background: torch.Tensor) -> torch.Tensor | None:
-        if self.fbvm_valid_mask == "background":
-            return valid_from_background(background)
-        return nonmin_valid_mask(x_std) if self.fbvm_valid_mask == "nonmin" else None
-
     def compute_loss_terms(self, data: torch.Tensor, target, batch_u: dict) -> LossTerms:
         """Eqs. 6-7: λ1 (L_sup + L_KD + L_RD + L_FBVM)_labeled + λ2 (L_KD + L_RD + L_FBVM)_unlabeled."""
         x, q_l, w_l, bg = split_soft_targets(data, self.num_image_channels)
@@ -258,10 +222,11 @@ class MedSAMMambaKDTrainer(KDStudentTrainerMixin, SemiSupervisedTrainer):
         terms: LossTerms = {}
         if self.use_gt_supervision:
             terms["supervised"] = (self.lambda_labeled, self.loss(logits[:n], target))
-        deltas = self.response_deltas(x, bg, features) if self.use_fpkdm else None
+        deltas = (self.features.responses(x, bg, self.network, features, self.projector, self.fpkdm_sigma)
+                  if self.use_fpkdm else None)  # FPKDM (§4.1): (teacher, student) responses for layers 2..L
         x_std = standardize_per_image(x)  # what the student sees (FBVM's image, §4.2)
         fg = 1.0 - torch.softmax(logits.float(), 1)[:, :1]
-        valid = self.fbvm_valid(x_std, bg)
+        valid = fbvm_valid_mask(self.fbvm_valid_mask, x_std, bg)
         polarity = {"abs": "abs", "+1": None}.get(self.fbvm_polarity, self.polarity)
         for tag, lam, q, w in parts:
             sl = slice(0, n) if tag == "l" else slice(n, None)

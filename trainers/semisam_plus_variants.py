@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from nnunet_semisam.data.soft_targets import SoftTargetTrainerMixin
 from nnunet_semisam.losses.semisam_plus import offline_rs_consistency
 from nnunet_semisam.trainers.semisam_plus import SemiSAMPlusTrainer
 from nnunet_semisam.trainers.short_schedules import DEMO, apply_schedule
 
 
-class SemiSAMPlusTrainer_offline(SemiSAMPlusTrainer):
+class SemiSAMPlusTrainer_offline(SoftTargetTrainerMixin, SemiSAMPlusTrainer):
     """L_rs-con against the stored pseudo-labels of `nnunet-semisam pseudolabel --aug N` (same plans and
     configuration), on every Phase-1 step; the rest is `SemiSAMPlusTrainer`."""
 
     @property
-    def store_folder(self) -> str:
+    def unlabeled_store_folder(self) -> str:
         from nnunet_semisam.data.pseudolabel_store import pseudolabel_folder
         return str(pseudolabel_folder(self.plans_manager.dataset_name, self.plans_manager.plans_name,
                                       self.configuration_name))
@@ -23,18 +24,11 @@ class SemiSAMPlusTrainer_offline(SemiSAMPlusTrainer):
         import os
         from nnunet_semisam.errors import SemiSAMError
         super().preflight_checks()
-        if not os.path.isfile(os.path.join(self.store_folder, "manifest.json")):
-            raise SemiSAMError(f"{self.store_folder} holds no pseudo-labels: run nnunet-semisam pseudolabel -d "
+        store = self.unlabeled_store_folder
+        if not os.path.isfile(os.path.join(store, "manifest.json")):
+            raise SemiSAMError(f"{store} holds no pseudo-labels: run nnunet-semisam pseudolabel -d "
                                f"{self.dataset_id} -c {self.configuration_name} -p {self.plans_manager.plans_name} "
                                "--cases unlabeled --prompts student --aug 4 first")
-
-    def unlabeled_dataset(self, cases: list[str]):
-        from nnunet_semisam.data.soft_targets import SoftTargetDataset
-        return SoftTargetDataset(self.unlabeled_folder, cases, store_folder=self.store_folder)
-
-    def get_training_transforms(self, *args, **kwargs):
-        from nnunet_semisam.data.soft_targets import image_channels_only
-        return image_channels_only(super().get_training_transforms(*args, **kwargs), self.num_image_channels)
 
     def rs_consistency_now(self, logits_u: torch.Tensor, batch_u: dict) -> torch.Tensor:
         """L_rs-con against the stored Pseudo / M_conf (foreground = 1 - p_background), every Phase-1 step."""

@@ -52,6 +52,33 @@ class SoftTargetDataset(nnUNetDatasetBlosc2):
         return data, seg, seg_prev, properties
 
 
+class SoftTargetTrainerMixin:
+    """For a `SemiSupervisedTrainer` whose batches carry stored teacher maps: the unlabeled cases read them from
+    `unlabeled_store_folder`, the labeled training cases from `labeled_store_folder` when it is not None (validation
+    cases never), and the intensity transforms stay off the appended channels (`image_channels_only`). The loss then
+    splits the batch with `split_soft_targets`."""
+
+    labeled_store_folder: str | None = None
+
+    @property
+    def unlabeled_store_folder(self) -> str:
+        raise NotImplementedError
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if self.labeled_store_folder is not None:
+            dataset_tr = SoftTargetDataset(self.preprocessed_dataset_folder, list(dataset_tr.identifiers),
+                                           self.folder_with_segs_from_previous_stage,
+                                           store_folder=self.labeled_store_folder)
+        return dataset_tr, dataset_val
+
+    def unlabeled_dataset(self, cases: list[str]):
+        return SoftTargetDataset(self.unlabeled_folder, cases, store_folder=self.unlabeled_store_folder)
+
+    def get_training_transforms(self, *args, **kwargs):
+        return image_channels_only(super().get_training_transforms(*args, **kwargs), self.num_image_channels)
+
+
 class ImageChannelsOnly(BasicTransform):
     """Apply `transform` to the first `num_image_channels` image channels; the others pass through unchanged."""
 

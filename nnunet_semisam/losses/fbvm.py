@@ -54,6 +54,21 @@ def valid_from_background(background: torch.Tensor) -> torch.Tensor:
     return (~bg).float()
 
 
+VALID_MASK_MODES = ("background", "nonmin", "none")
+
+
+def fbvm_valid_mask(mode: str, image: torch.Tensor, background: torch.Tensor) -> torch.Tensor | None:
+    """V of METHODS.md §4.2 by the trainer's `fbvm_valid_mask` setting: "background" (`valid_from_background`, the
+    default), "nonmin" (`nonmin_valid_mask` of the student's `image`) or "none" (every pixel valid: None)."""
+    if mode == "background":
+        return valid_from_background(background)
+    if mode == "nonmin":
+        return nonmin_valid_mask(image)
+    if mode == "none":
+        return None
+    raise ValueError(f"fbvm_valid_mask must be one of {VALID_MASK_MODES}, got {mode!r}")
+
+
 def _polarity_tensor(polarity, n_channels: int, device: torch.device) -> torch.Tensor | None:
     """None -> +1 per channel; "abs" -> None (use |μF − μB|); a sequence/tensor of C values in {-1, 0, +1}."""
     if isinstance(polarity, str):

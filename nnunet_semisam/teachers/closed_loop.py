@@ -252,6 +252,30 @@ class ClosedLoopTargets:
         available = sum(bool((read_record(self.unlabeled_folder, c.case_id) or {}).get("available")) for c in cases)
         return {"cases": len(cases), "available": int(available)}
 
+    def labeled_start(self, cases: Sequence[CaseSource]) -> str:
+        """`labeled_targets` at the start of training; returns the line for the training log."""
+        status = self.labeled_targets(cases)
+        return (f"labeled teacher targets from GT boxes: {sum(v == 'done' for v in status.values())} computed, "
+                f"{sum(v == 'skipped' for v in status.values())} reused")
+
+    def student_round(self, network: torch.nn.Module, predictor_setup: Sequence, cases: Sequence[CaseSource],
+                      round_index: int) -> str:
+        """One closed-loop round from a training network (§4.5): its sliding-window foreground
+        (`SlidingWindowForeground(network, *predictor_setup)`, in eval mode for the round, training mode restored
+        after) gives the boxes of `refresh`. Returns the line for the training log (time, embedding-cache hits)."""
+        start = time()
+        predict = SlidingWindowForeground(distributed.unwrap(network), *predictor_setup)
+        was_training = network.training
+        network.eval()
+        try:
+            stats = self.refresh(cases, predict, round_index)
+        finally:
+            network.train(was_training)
+        cache = self.teacher.cache
+        return (f"pseudo-label round {round_index}: {stats['available']}/{stats['cases']} unlabeled cases have a "
+                f"pseudo-label ({time() - start:.1f} s; teacher embedding cache {cache.hits} hits, "
+                f"{cache.misses} misses)")
+
     @staticmethod
     def _finish_shards(folder: Path, params: PseudoLabelParams, info: dict, cases: Sequence[CaseSource]) -> None:
         """DDP: wait for every rank's shard, then rank 0 re-indexes the manifest over all records (each shard wrote

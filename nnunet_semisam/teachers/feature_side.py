@@ -119,6 +119,22 @@ class TeacherFeatures:
         """T_1 (clean or perturbed) -> [T_2..T_levels] (the teacher runs only the stages these taps need)."""
         return self.teacher.later_taps(t1, self.levels - 1)
 
+    def responses(self, x: torch.Tensor, background: torch.Tensor | None, student: torch.nn.Module,
+                  student_features: Sequence[torch.Tensor], projector, sigma: float):
+        """FPKDM responses (`losses.fpkdm.fpkdm_responses`, METHODS.md §4.1) of a batch the student has just seen:
+        (teacher deltas, student deltas) for layers 2..levels. The student's perturbed re-run (`encode_from(1, ·)`)
+        leaves its BatchNorm running statistics alone (`networks.batchnorm.frozen_running_stats`)."""
+        from nnunet_semisam.distributed import unwrap
+        from nnunet_semisam.losses.fpkdm import fpkdm_responses
+        from nnunet_semisam.networks.batchnorm import frozen_running_stats
+
+        def reinject_student(f1: torch.Tensor) -> list[torch.Tensor]:
+            with frozen_running_stats(student):
+                return unwrap(student).encode_from(1, f1)[:self.levels - 1]
+
+        return fpkdm_responses(self.first_tap(x, background), self.reinject, student_features[:self.levels],
+                               reinject_student, projector, sigma)
+
 
 def fpkdm_pair(teacher, network: torch.nn.Module, num_input_channels: int, configuration_manager,
                setting: int | str = "auto", teacher_channel: int = 0, dropout: float = 0.1,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nnunet_semisam.errors import SemiSAMError
-from nnunet_semisam.losses.fbvm import estimate_polarity, fbvm_loss, nonmin_valid_mask, valid_from_background
+from nnunet_semisam.losses.fbvm import (estimate_polarity, fbvm_loss, fbvm_valid_mask, nonmin_valid_mask,
+                                        valid_from_background)
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # ε = 1e-6 in the denominators shifts the hand values by O(1e-6)
 
@@ -127,6 +128,16 @@ def test_valid_from_background_float_threshold_and_errors():
     assert valid_from_background(torch.zeros(2, 1, 2, 3, 4, dtype=torch.bool)).shape == (2, 1, 2, 3, 4)  # 3D
     with pytest.raises(ValueError, match="B, 1"):
         valid_from_background(torch.zeros(1, 2, 4, 4, dtype=torch.bool))
+
+
+def test_fbvm_valid_mask_picks_by_setting_and_names_a_wrong_one():
+    x = t([[0.0, 1.0], [0.0, 2.0]])
+    bg = torch.tensor([[True, False], [False, False]]).view(1, 1, 2, 2)
+    assert fbvm_valid_mask("background", x, bg).flatten().tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert fbvm_valid_mask("nonmin", x, bg)[0, 0].tolist() == [[False, True], [False, True]]
+    assert fbvm_valid_mask("none", x, bg) is None
+    with pytest.raises(ValueError, match="'nonzero'"):
+        fbvm_valid_mask("nonzero", x, bg)
 
 
 def test_nonmin_valid_mask_is_per_sample_and_channel():

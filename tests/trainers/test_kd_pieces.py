@@ -158,6 +158,94 @@ def test_side_setting_check_names_the_value():
             check_side_setting(bad, "Trainer.side")
 
 
+def test_soft_target_trainer_mixin_wraps_the_training_split_only_with_a_labeled_store(tmp_path):
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from nnunet_semisam.data.soft_targets import SoftTargetTrainerMixin
+
+    folder = tmp_path / "pre"
+    folder.mkdir()
+    for case in ("a", "b"):
+        nnUNetDatasetBlosc2.save_case(np.zeros((1, 1, 4, 4), np.float32), np.zeros((1, 1, 4, 4), np.int8),
+                                      {"spacing": [1, 1, 1]}, str(folder / case))
+
+    class Base:  # what the mixin needs from nnU-Net's trainer
+        preprocessed_dataset_folder = unlabeled_folder = str(folder)
+        folder_with_segs_from_previous_stage = None
+        num_image_channels = 1
+
+        def get_tr_and_val_datasets(self):
+            return (nnUNetDatasetBlosc2(str(folder), ["a"]), nnUNetDatasetBlosc2(str(folder), ["b"]))
+
+        def get_training_transforms(self):
+            return ComposeTransforms([MultiplicativeBrightnessTransform((2.0, 2.0), True, 1)])
+
+    class Unlabeled(SoftTargetTrainerMixin, Base):
+        unlabeled_store_folder = str(tmp_path / "u")
+
+    class Both(Unlabeled):
+        labeled_store_folder = str(tmp_path / "l")
+
+    tr, val = Unlabeled().get_tr_and_val_datasets()
+    assert type(tr) is nnUNetDatasetBlosc2 and type(val) is nnUNetDatasetBlosc2
+    tr, val = Both().get_tr_and_val_datasets()
+    assert isinstance(tr, SoftTargetDataset) and tr.store_folder == str(tmp_path / "l")
+    assert list(tr.identifiers) == ["a"] and type(val) is nnUNetDatasetBlosc2, "validation cases never carry maps"
+    u = Both().unlabeled_dataset(["b"])
+    assert isinstance(u, SoftTargetDataset) and u.store_folder == str(tmp_path / "u")
+    image = torch.ones(4, 1, 4, 4)  # 1 image channel + q, conf, valid
+    out = Both().get_training_transforms()(image=image.clone(), segmentation=torch.zeros(1, 1, 4, 4))["image"]
+    assert torch.equal(out[0], 2 * image[0]) and torch.equal(out[1:], image[1:]), "intensity only on the image"
+
+
+def test_teacher_features_responses_leave_bn_stats_alone_and_sigma_zero_gives_zero():
+    """`TeacherFeatures.responses` (METHODS.md §4.1) with the real TinyMUNet and a small channels-last teacher: the
+    student's perturbed re-run moves no BatchNorm statistic, σ = 0 gives exactly zero teacher responses, σ > 0 gives
+    responses whose loss reaches the student."""
+    import torch.nn.functional as F
+    from nnunet_semisam.losses.fpkdm import FeatureProjector
+    from nnunet_semisam.networks.tiny_munet import TinyMUNet
+    from nnunet_semisam.teachers.feature_side import TeacherFeatures
+
+    torch.manual_seed(0)
+    net = TinyMUNet(1, 2, features_per_stage=(4, 8, 8, 8, 8, 8), strides=(1, 2, 2, 2, 2, 2),
+                    n_mamba_layers_per_stage=(1, 1, 1, 1)).train()
+    conv = torch.nn.Conv2d(1, 6, 3, stride=2, padding=1)
+
+    class Teacher:
+        def feature_input(self, x, channels, side):
+            return F.interpolate(x[:, list(channels)], size=(side, side), mode="bilinear")
+
+        def first_tap(self, image):
+            return conv(image).permute(0, 2, 3, 1)
+
+        def later_taps(self, t1, n):
+            taps, t = [], t1.permute(0, 3, 1, 2)
+            for _ in range(n):
+                t = F.avg_pool2d(torch.tanh(t), 2)
+                taps.append(t.permute(0, 2, 3, 1))
+            return taps
+
+    def bn_stats():
+        return {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+
+    x = torch.randn(2, 1, 64, 64)
+    background = torch.zeros(2, 1, 64, 64, dtype=torch.bool)
+    _, feats = net(x, return_features=True)
+    levels = 3
+    projector = FeatureProjector(6, [f.shape[1] for f in feats[:levels]], [tuple(f.shape[2:]) for f in feats[:levels]])
+    features = TeacherFeatures(Teacher(), (0,), 32, levels)
+    before = bn_stats()
+    t_d, s_d = features.responses(x, background, net, feats, projector, sigma=0.0)
+    assert len(t_d) == len(s_d) == levels - 1
+    assert all(float(d.abs().max()) == 0.0 for d in t_d)
+    t_d, s_d = features.responses(x, background, net, feats, projector, sigma=0.1)
+    after = bn_stats()
+    assert before and all(torch.equal(before[k], after[k]) for k in before), "the re-run moved BatchNorm statistics"
+    assert all(float(d.abs().max()) > 0 for d in t_d)
+    sum((a - b).pow(2).mean() for a, b in zip(t_d, s_d)).backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in net.parameters())
+
+
 def test_fill_background_sets_the_valid_minimum():
     from nnunet_semisam.teachers.feature_side import fill_background
 
