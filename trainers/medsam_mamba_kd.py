@@ -200,9 +200,10 @@ class MedSAMMambaKDTrainer(SoftTargetTrainerMixin, KDStudentTrainerMixin, SemiSu
         cases = [CaseSource(k, self.unlabeled_folder, False) for k in self.unlabeled_cases]
         self.print_to_log_file(f"pseudo-label round {self.pl_round + 1}: student boxes -> teacher for {len(cases)} "
                                "unlabeled cases")
-        setup = (self.plans_manager, self.configuration_manager, self.dataset_json, self.__class__.__name__,
-                 self.device)
-        self.print_to_log_file(self.targets.student_round(self.network, setup, cases, self.pl_round + 1))
+        self.print_to_log_file(self.targets.student_round(
+            self.network, cases, self.pl_round + 1, plans_manager=self.plans_manager,
+            configuration_manager=self.configuration_manager, dataset_json=self.dataset_json,
+            trainer_name=self.__class__.__name__, device=self.device))
         self.restart_unlabeled_loader()  # batches prepared before the refresh carry the old maps
         self.pl_round += 1
 

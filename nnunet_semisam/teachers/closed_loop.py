@@ -258,13 +258,13 @@ class ClosedLoopTargets:
         return (f"labeled teacher targets from GT boxes: {sum(v == 'done' for v in status.values())} computed, "
                 f"{sum(v == 'skipped' for v in status.values())} reused")
 
-    def student_round(self, network: torch.nn.Module, predictor_setup: Sequence, cases: Sequence[CaseSource],
-                      round_index: int) -> str:
+    def student_round(self, network: torch.nn.Module, cases: Sequence[CaseSource], round_index: int,
+                      **predictor_kwargs) -> str:
         """One closed-loop round from a training network (§4.5): its sliding-window foreground
-        (`SlidingWindowForeground(network, *predictor_setup)`, in eval mode for the round, training mode restored
+        (`SlidingWindowForeground(network, **predictor_kwargs)`, in eval mode for the round, training mode restored
         after) gives the boxes of `refresh`. Returns the line for the training log (time, embedding-cache hits)."""
         start = time()
-        predict = SlidingWindowForeground(distributed.unwrap(network), *predictor_setup)
+        predict = SlidingWindowForeground(distributed.unwrap(network), **predictor_kwargs)
         was_training = network.training
         network.eval()
         try:
