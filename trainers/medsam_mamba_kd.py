@@ -24,7 +24,9 @@ model teacher on the labeled cases and the dataset's `imagesUnlabeled/`:
 - Closed loop (§4.5, `teachers.closed_loop`): GT-box targets for the labeled cases at start; at joint epochs
   `pl_start`, then every `pl_every`, the student's sliding-window foreground gives boxes and the teacher re-segments
   every unlabeled case from cached embeddings (reference path only); with `student_box_refine` > 0 (`_boxRefine`),
-  box sides that cut through the teacher's mask grow for that many rounds first (`teachers.box_refine`).
+  box sides that cut through the teacher's mask grow for that many rounds first (`teachers.box_refine`). With
+  `teacher_threshold = "calibrate"` (`_calibrated`) both KD terms fit the maps recalibrated at the threshold t* that
+  best reproduces the labeled masks from their GT boxes (`teachers.calibration`).
 - Optimisation (§4.6): SGD (momentum 0.99, nesterov, wd 3e-5, none for A_log/D) over student and projectors, 100
   epochs, B_l = B_u = the plans' batch size, nnU-Net's lr 1e-2 + poly (the paper's 1e-3 + cosine is `_paperOptim`).
 
@@ -51,6 +53,7 @@ from nnunet_semisam.losses.kd import kd_loss, response_distillation_loss
 from nnunet_semisam.networks.kd_student import (KDStudentTrainerMixin, standardize_per_image,
                                                 student_parameter_groups)
 from nnunet_semisam.schedules import CosineLRScheduler
+from nnunet_semisam.teachers.calibration import check_threshold_setting, recalibrate
 from nnunet_semisam.teachers.closed_loop import ClosedLoopTargets
 from nnunet_semisam.teachers.factory import load_training_teacher
 from nnunet_semisam.teachers.feature_side import TeacherFeatures, check_side_setting, fpkdm_pair
@@ -88,6 +91,7 @@ class MedSAMMambaKDTrainer(SoftTargetTrainerMixin, KDStudentTrainerMixin, SemiSu
         self.pl_every = 10
         self.student_box_refine = 0  # rounds of growing student boxes that cut the teacher's mask (§4.5)
         self.student_fusion = False  # unlabeled targets max(teacher, student probability) (§4.5, `_fuseStudent`)
+        self.teacher_threshold: float | str = 0.5  # teacher maps as they are | "calibrate": t* from labels (§4.5)
         self.teacher_spec: str | None = None  # None: $SEMISAM_TEACHER, default LiteMedSAM (teachers.factory)
         self.teacher_weights = "medsam"  # medsam (the spec above) | sam ($SEMISAM_SAM_CHECKPOINT, §4.7)
         self.teacher_channel = 0  # non-RGB data: the channel the teacher sees (§2.4)
@@ -103,6 +107,7 @@ class MedSAMMambaKDTrainer(SoftTargetTrainerMixin, KDStudentTrainerMixin, SemiSu
         self.projector: FeatureProjector | None = None
         self.targets: ClosedLoopTargets | None = None
         self.polarity: list[float] | None = None
+        self.threshold: float | None = None  # the teacher threshold in use (t* once calibrated)
         self.pl_round = 0
         self.logger.local_logger.my_fantastic_logging.setdefault("pseudolabel_round", [])
 
@@ -111,11 +116,12 @@ class MedSAMMambaKDTrainer(SoftTargetTrainerMixin, KDStudentTrainerMixin, SemiSu
                 "lr_schedule": ("poly", "cosine"), "teacher_weights": ("medsam", "sam")}
 
     def preflight_checks(self) -> None:
-        """The base checks (folders, `SETTINGS`), then `teacher_input_size` (`teachers.feature_side`), the teacher
-        channel, and the teacher itself, loaded here once (a missing, truncated or foreign checkpoint, or no
+        """The base checks (folders, `SETTINGS`), then `teacher_input_size` (`teachers.feature_side`),
+        `teacher_threshold` (`teachers.calibration`), the teacher channel, and the teacher itself, loaded here once (a missing, truncated or foreign checkpoint, or no
         `$SEMISAM_SAM_CHECKPOINT` for the SAM ablation, is a one-line error)."""
         super().preflight_checks()
         check_side_setting(self.teacher_input_size, f"{self.__class__.__name__}.teacher_input_size")
+        check_threshold_setting(self.teacher_threshold, f"{self.__class__.__name__}.teacher_threshold")
         if not 0 <= int(self.teacher_channel) < self.num_image_channels:
             raise SemiSAMError(f"{self.__class__.__name__}.teacher_channel = {self.teacher_channel}: the dataset has "
                                f"{self.num_image_channels} image channel(s) ({self.dataset_json['channel_names']})")
@@ -181,8 +187,11 @@ class MedSAMMambaKDTrainer(SoftTargetTrainerMixin, KDStudentTrainerMixin, SemiSu
                 zscored_image_label_pairs(self.preprocessed_dataset_folder, tr_keys))]
         self.print_to_log_file(f"FBVM polarity per channel (METHODS.md section 4.2): {self.polarity} "
                                f"(mode {self.fbvm_polarity})")
-        self.print_to_log_file(self.targets.labeled_start(
-            [CaseSource(k, self.preprocessed_dataset_folder, True) for k in tr_keys]))
+        labeled = [CaseSource(k, self.preprocessed_dataset_folder, True) for k in tr_keys]
+        self.print_to_log_file(self.targets.labeled_start(labeled))
+        if self.threshold is None:  # not restored by `--c`
+            self.threshold, line = self.targets.teacher_threshold(self.teacher_threshold, labeled)
+            self.print_to_log_file(line)
         super().on_train_start()
 
     def is_refresh_epoch(self, epoch: int) -> bool:
@@ -212,10 +221,11 @@ class MedSAMMambaKDTrainer(SoftTargetTrainerMixin, KDStudentTrainerMixin, SemiSu
         """Eqs. 6-7: λ1 (L_sup + L_KD + L_RD + L_FBVM)_labeled + λ2 (L_KD + L_RD + L_FBVM)_unlabeled."""
         x, q_l, w_l, bg = split_soft_targets(data, self.num_image_channels)
         n = x.shape[0]
-        parts = [("l", self.lambda_labeled, q_l, w_l)]
+        parts = [("l", self.lambda_labeled, recalibrate(q_l, self.threshold), w_l)]
         if self.current_epoch >= self.init_epochs:  # joint stage
             extra = batch_u["extra"]
-            parts.append(("u", self.lambda_unlabeled, extra[:, 0:1].clamp(0, 1), extra[:, 1:2].clamp(0, 1)))
+            parts.append(("u", self.lambda_unlabeled, recalibrate(extra[:, 0:1].clamp(0, 1), self.threshold),
+                          extra[:, 1:2].clamp(0, 1)))
             x = torch.cat([x, self.student_view(batch_u)], 0)
             bg = torch.cat([bg, extra[:, 2:3] <= 0.5], 0)
         logits, features = self.network(x, return_features=True)
@@ -246,7 +256,8 @@ class MedSAMMambaKDTrainer(SoftTargetTrainerMixin, KDStudentTrainerMixin, SemiSu
         self.logger.log("pseudolabel_round", self.pl_round, self.current_epoch)
 
     def extra_checkpoint_state(self) -> dict:
-        state = {**super().extra_checkpoint_state(), "pseudolabel_round": self.pl_round, "polarity": self.polarity}
+        state = {**super().extra_checkpoint_state(), "pseudolabel_round": self.pl_round, "polarity": self.polarity,
+                 "teacher_threshold": self.threshold}
         if self.projector is not None:
             state["projector"] = self.projector.state_dict()
         return state
@@ -255,9 +266,11 @@ class MedSAMMambaKDTrainer(SoftTargetTrainerMixin, KDStudentTrainerMixin, SemiSu
         super().load_extra_checkpoint_state(state)
         self.pl_round = int(state["pseudolabel_round"])
         self.polarity = state["polarity"]
+        self.threshold = state.get("teacher_threshold")
         if self.projector is not None and "projector" in state:
             self.projector.load_state_dict(state["projector"])
         total = 0.0 if self.projector is None else sum(float(v.double().sum())
                                                        for v in self.projector.state_dict().values())
         self.print_to_log_file(f"restored pseudo-label round {self.pl_round}, FBVM polarity {self.polarity}, "
+                               f"teacher threshold {self.threshold}, "
                                f"projectors (sum of weights {total:.10e})")

@@ -168,6 +168,16 @@ class MedSAMMambaKDTrainer_fuseStudent(MedSAMMambaKDTrainer):
 
 # ---------------------------------------------------------------------------------------------------- short runs
 
+class MedSAMMambaKDTrainer_calibrated(MedSAMMambaKDTrainer):
+    """Teacher maps recalibrated at the threshold t* that best reproduces the labeled masks from their GT boxes
+    (`teachers.calibration`, §4.5)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.teacher_threshold = "calibrate"
+
+
 class MedSAMMambaKDTrainer_smoke(MedSAMMambaKDTrainer):
     """Tests: `nnUNetTrainer_smoke`'s schedule (2 epochs x 10 iterations), one closed-loop refresh at epoch 1."""
 
@@ -177,6 +187,15 @@ class MedSAMMambaKDTrainer_smoke(MedSAMMambaKDTrainer):
         apply_schedule(self, SMOKE)
         self.pl_start = 1
         self.pl_every = 1
+
+
+class MedSAMMambaKDTrainer_calibrated_smoke(MedSAMMambaKDTrainer_smoke):
+    """Tests: the calibrated teacher maps (§4.5) on the smoke schedule (killed and resumed in the e2e test)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.teacher_threshold = "calibrate"
 
 
 class MedSAMMambaKDTrainer_boxOnly_smoke(MedSAMMambaKDTrainer_smoke):
@@ -317,3 +336,22 @@ class MedSAMMambaKDTrainer_fuseStudent_bench(MedSAMMambaKDTrainer_bench):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.student_fusion = True
+
+
+class MedSAMMambaKDTrainer_calibrated_demo(MedSAMMambaKDTrainer_demo):
+    """Calibrated teacher maps (§4.5) on the demo schedule (benchmark)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.teacher_threshold = "calibrate"
+
+
+class MedSAMMambaKDTrainer_calibratedFuse_demo(MedSAMMambaKDTrainer_calibrated_demo):
+    """Calibrated teacher maps fused with the student's probability (§4.5) on the demo schedule (benchmark)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.student_fusion = True
+

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from nnunet_semisam import distributed
-from nnunet_semisam.data.pseudolabel_store import PseudoLabelParams, manifest_params_sha1, read_record, write_manifest
+from nnunet_semisam.data.pseudolabel_store import (PseudoLabelParams, load_pseudolabel, manifest_params_sha1,
+                                                   read_record, write_manifest)
 from nnunet_semisam.distributed import shard_of
 from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.teachers.pseudolabels import CaseSource, generate_pseudolabels
@@ -257,6 +258,35 @@ class ClosedLoopTargets:
         status = self.labeled_targets(cases)
         return (f"labeled teacher targets from GT boxes: {sum(v == 'done' for v in status.values())} computed, "
                 f"{sum(v == 'skipped' for v in status.values())} reused")
+
+    def teacher_threshold(self, setting: float | str, cases: Sequence[CaseSource]) -> tuple[float, str]:
+        """The threshold the KD terms recalibrate the teacher's maps at, and the log line: `labeled_threshold` for
+        "calibrate", else the number given (0.5: the teacher's maps as they are)."""
+        if setting == "calibrate":
+            return self.labeled_threshold(cases)
+        return float(setting), f"teacher threshold {float(setting)} (set; 0.5 keeps the teacher's maps as they are)"
+
+    def labeled_threshold(self, cases: Sequence[CaseSource]) -> tuple[float, str]:
+        """t* of the labeled GT-box maps against their labels (`teachers.calibration`, §4.5) and the log line.
+
+        Reads the stored labeled maps (run `labeled_targets` first) and each case's preprocessed label
+        (foreground `seg > 0`, the mask the GT boxes came from); cases without a prompted map (no lesion) are left
+        out, they score the same at every threshold.
+        """
+        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+        from nnunet_semisam.teachers.calibration import calibrate_threshold
+
+        def pairs():
+            for c in cases:
+                prob, conf = load_pseudolabel(self.labeled_folder, c.case_id)
+                if conf.any():
+                    seg = nnUNetDatasetBlosc2(c.folder, [c.case_id]).load_case(c.case_id)[1]
+                    yield prob[0], np.asarray(seg[0]).reshape(prob.shape[1:]) > 0
+
+        t_star, dice, n = calibrate_threshold(pairs())
+        return t_star, (f"teacher threshold calibrated on {n} labeled cases: t* = {t_star} (mean GT-box Dice % by "
+                        "threshold: " + ", ".join(f"{t}: {100 * d:.1f}" for t, d in dice.items()) + ")")
 
     def student_round(self, network: torch.nn.Module, cases: Sequence[CaseSource], round_index: int,
                       **predictor_kwargs) -> str:

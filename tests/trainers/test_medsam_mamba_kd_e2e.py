@@ -11,6 +11,7 @@ from conftest import (assert_binary_png_predictions, kill_after_first_checkpoint
                       training_log, with_results)
 
 TRAINER = "MedSAMMambaKDTrainer_smoke"
+CALIBRATED = "MedSAMMambaKDTrainer_calibrated_smoke"  # the resumed run: t* is computed once and checkpointed
 TERMS = ("supervised", "kd_l", "rd_l", "fbvm_l", "kd_u", "rd_u", "fbvm_u")
 
 
@@ -22,11 +23,11 @@ def _terms(log: str) -> list[dict[str, tuple[float, float]]]:
     return out
 
 
-def _predict_and_evaluate(env: dict, tmp_path: Path, plans: str) -> dict:
+def _predict_and_evaluate(env: dict, tmp_path: Path, plans: str, trainer: str = TRAINER) -> dict:
     raw = Path(env["nnUNet_raw"]) / "Dataset990_SynthRGB"
     pred = tmp_path / f"pred_{plans}"
     run_cmd(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", "990", "-c", "2d", "-f", "0",
-             "-tr", TRAINER, "-p", plans, "-device", "cpu", "-npp", "0", "-nps", "0"], env)
+             "-tr", trainer, "-p", plans, "-device", "cpu", "-npp", "0", "-nps", "0"], env)
     assert_binary_png_predictions(pred, raw / "labelsTs", 2)
     out = run_cmd(["nnunet-semisam", "evaluate", str(pred), str(raw / "labelsTs")], env).stdout
     assert "Dice" in out
@@ -79,24 +80,28 @@ def test_tinymunet_plans_train_predict_evaluate(tiny2d_tinymunet_plans, tmp_path
 
 def test_default_plans_kill_resume_predict_evaluate(tiny2d, tmp_path, monkeypatch):
     """The design card's literal command on default nnU-Net plans (the trainer builds TinyMUNet for them), killed after
-    its epoch-0 checkpoint, resumed with `--c`, then predicted and evaluated.
+    its epoch-0 checkpoint, resumed with `--c`, then predicted and evaluated; with the calibrated teacher maps
+    (METHODS.md §4.5), whose t* is computed once from the labeled targets and restored with the checkpoint.
 
     Run in an ASCII locale (no UTF-8 mode): nnU-Net opens its log file with the locale's encoding, so a non-ASCII
     character in a log line would crash the training there."""
     env = with_results(tiny2d, tmp_path / "results")
     env.update(LC_ALL="C", PYTHONUTF8="0")
     env.pop("PYTHONIOENCODING", None)
-    fold = tmp_path / "results" / "Dataset990_SynthRGB" / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
-    cmd = ["nnUNetv2_train", "990", "2d", "0", "-tr", TRAINER, "-device", "cpu"]
+    fold = tmp_path / "results" / "Dataset990_SynthRGB" / f"{CALIBRATED}__nnUNetPlans__2d" / "fold_0"
+    cmd = ["nnUNetv2_train", "990", "2d", "0", "-tr", CALIBRATED, "-device", "cpu"]
     latest = kill_after_first_checkpoint(cmd, env, fold)
     saved = torch.load(latest, map_location="cpu", weights_only=False)
     assert saved["current_epoch"] == 1 and saved["semisam"]["pseudolabel_round"] == 0
+    t_star = float(re.search(r"teacher threshold calibrated on \d+ labeled cases: t\* = ([\d.]+)",
+                             training_log(fold)).group(1))
+    assert saved["semisam"]["teacher_threshold"] == t_star and 0 < t_star <= 0.5
 
     # in-process: the checkpoint restores projectors, round, polarity and the optimizer (momentum of projectors too)
-    trainer = trainer_from_checkpoint(env, monkeypatch, "990", TRAINER, latest)
+    trainer = trainer_from_checkpoint(env, monkeypatch, "990", CALIBRATED, latest)
     for k, v in saved["semisam"]["projector"].items():
         assert torch.equal(trainer.projector.state_dict()[k], v)
-    assert trainer.pl_round == 0 and trainer.polarity == saved["semisam"]["polarity"]
+    assert trainer.pl_round == 0 and trainer.polarity == saved["semisam"]["polarity"] and trainer.threshold == t_star
     assert trainer.network.decoder.deep_supervision is False, "Tiny-MUNet student: single output (METHODS.md §1.3)"
     opt = trainer.optimizer.state_dict()
     assert len(opt["param_groups"]) == 3, "student (decay), A_log/D (no decay), projectors"
@@ -110,12 +115,15 @@ def test_default_plans_kill_resume_predict_evaluate(tiny2d, tmp_path, monkeypatc
 
     run_cmd(cmd + ["--c"], env)
     log = training_log(fold)
-    restored = float(re.search(r"restored pseudo-label round 0, FBVM polarity .*projectors \(sum of weights "
-                               r"([\d.e+-]+)\)", log).group(1))
+    m = re.search(r"restored pseudo-label round 0, FBVM polarity .*teacher threshold ([\d.]+), "
+                  r"projectors \(sum of weights ([\d.e+-]+)\)", log)
+    assert float(m.group(1)) == t_star
+    restored = float(m.group(2))
+    assert log.count("teacher threshold calibrated") == 1, "t* comes from the checkpoint when resuming"
     assert restored == pytest.approx(sum(float(v.double().sum()) for v in saved["semisam"]["projector"].values()),
                                      rel=1e-9)
     _check_training(fold, "student: TinyMUNet in place of the planned PlainConvUNet")
-    assert _predict_and_evaluate(env, tmp_path, "nnUNetPlans")
+    assert _predict_and_evaluate(env, tmp_path, "nnUNetPlans", CALIBRATED)
 
 
 def test_3d_configuration_is_refused(tiny3d, tmp_path):

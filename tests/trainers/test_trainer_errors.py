@@ -205,6 +205,8 @@ def test_kd_settings_fail_before_the_teacher_loads_and_f1_builds_the_fpkdm_pair(
     for attr, value, message in [("fbvm_polarity", "-1", "fbvm_polarity = '-1': expected one of estimate, +1, abs"),
                                  ("teacher_input_size", "huge", "teacher_input_size = 'huge': expected 'auto'"),
                                  ("teacher_input_size", 0, "teacher_input_size = 0: expected"),
+                                 ("teacher_threshold", 1.5, "teacher_threshold = 1.5: expected 'calibrate' or"),
+                                 ("teacher_threshold", "auto", "teacher_threshold = 'auto': expected 'calibrate'"),
                                  ("teacher_channel", 3, "teacher_channel = 3: the dataset has 3 image channel(s)")]:
         old = getattr(trainer, attr)
         setattr(trainer, attr, value)
