@@ -117,8 +117,9 @@ class MedSAMMambaKDTrainer(SoftTargetTrainerMixin, KDStudentTrainerMixin, SemiSu
 
     def preflight_checks(self) -> None:
         """The base checks (folders, `SETTINGS`), then `teacher_input_size` (`teachers.feature_side`),
-        `teacher_threshold` (`teachers.calibration`), the teacher channel, and the teacher itself, loaded here once (a missing, truncated or foreign checkpoint, or no
-        `$SEMISAM_SAM_CHECKPOINT` for the SAM ablation, is a one-line error)."""
+        `teacher_threshold` (`teachers.calibration`), the teacher channel, and the teacher itself, loaded here once
+        (a missing, truncated or foreign checkpoint, or no `$SEMISAM_SAM_CHECKPOINT` for the SAM ablation, is a
+        one-line error)."""
         super().preflight_checks()
         check_side_setting(self.teacher_input_size, f"{self.__class__.__name__}.teacher_input_size")
         check_threshold_setting(self.teacher_threshold, f"{self.__class__.__name__}.teacher_threshold")

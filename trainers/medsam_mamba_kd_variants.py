@@ -166,8 +166,6 @@ class MedSAMMambaKDTrainer_fuseStudent(MedSAMMambaKDTrainer):
         self.student_fusion = True
 
 
-# ---------------------------------------------------------------------------------------------------- short runs
-
 class MedSAMMambaKDTrainer_calibrated(MedSAMMambaKDTrainer):
     """Teacher maps recalibrated at the threshold t* that best reproduces the labeled masks from their GT boxes
     (`teachers.calibration`, §4.5)."""
@@ -177,6 +175,8 @@ class MedSAMMambaKDTrainer_calibrated(MedSAMMambaKDTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.teacher_threshold = "calibrate"
 
+
+# ---------------------------------------------------------------------------------------------------- short runs
 
 class MedSAMMambaKDTrainer_smoke(MedSAMMambaKDTrainer):
     """Tests: `nnUNetTrainer_smoke`'s schedule (2 epochs x 10 iterations), one closed-loop refresh at epoch 1."""
@@ -354,4 +354,3 @@ class MedSAMMambaKDTrainer_calibratedFuse_demo(MedSAMMambaKDTrainer_calibrated_d
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.student_fusion = True
-

@@ -277,11 +277,14 @@ class ClosedLoopTargets:
 
         from nnunet_semisam.teachers.calibration import calibrate_threshold
 
+        datasets = {folder: nnUNetDatasetBlosc2(folder, [c.case_id for c in cases if c.folder == folder])
+                    for folder in {c.folder for c in cases}}  # one per preprocessed folder, not one per case
+
         def pairs():
             for c in cases:
                 prob, conf = load_pseudolabel(self.labeled_folder, c.case_id)
                 if conf.any():
-                    seg = nnUNetDatasetBlosc2(c.folder, [c.case_id]).load_case(c.case_id)[1]
+                    seg = datasets[c.folder].load_case(c.case_id)[1]
                     yield prob[0], np.asarray(seg[0]).reshape(prob.shape[1:]) > 0
 
         t_star, dice, n = calibrate_threshold(pairs())

@@ -36,7 +36,8 @@ def test_calibrate_threshold_errors():
 def test_recalibrate_hand_computed():
     q = torch.tensor([0.0, 0.3, 0.6, 1.0])
     out = recalibrate(q, 0.3)
-    # odds(q') = odds(q) / odds(t): 0.3 -> 0.5, 0.6 -> (1.5 / (3 / 7)) = 3.5 -> 3.5 / 4.5 = 7 / 9; 0 and 1 stay (clamped)
+    # odds(q') = odds(q) / odds(t): 0.3 -> 0.5, 0.6 -> (1.5 / (3 / 7)) = 3.5 -> 3.5 / 4.5 = 7 / 9;
+    # 0 and 1 stay (clamped)
     np.testing.assert_allclose(out.numpy(), [0.0, 0.5, 7 / 9, 1.0], atol=1e-5)
     assert recalibrate(q, 0.5) is q, "t* = 0.5: the teacher's map as it is"
     assert torch.all(out[1:] >= out[:-1]), "monotone: the teacher's ranking of pixels is kept"
