@@ -9,6 +9,8 @@ The labeled cases say where the dataset's boundary lies in the teacher's map:
   (training labels only), on the grid `THRESHOLDS`; ties go to the larger t (closer to the teacher's own 0.5).
 - `recalibrate`: the map the student is trained on, `q' = sigmoid(logit(q) - logit(t*))`: monotone in q, so the
   teacher's ranking of pixels is kept, and `q' = 0.5` exactly where `q = t*` (t* = 0.5 gives q back).
+- `to_teacher_scale`: its inverse, `sigmoid(logit(p) + logit(t*))`, for a probability that is already on the
+  dataset's scale (the student's) and is stored next to the teacher's raw maps: `recalibrate` then gives p back.
 """
 from __future__ import annotations
 
@@ -66,6 +68,20 @@ def recalibrate(q: torch.Tensor, threshold: float) -> torch.Tensor:
         return q
     shift = math.log(threshold / (1.0 - threshold))
     return torch.sigmoid(torch.logit(q.float().clamp(EPS, 1.0 - EPS)) - shift).to(q.dtype)
+
+
+def to_teacher_scale(p: np.ndarray, threshold: float) -> np.ndarray:
+    """`sigmoid(logit(p) + logit(threshold))` (float32), the inverse of `recalibrate`: a student probability p
+    mapped onto the teacher's scale at t*, so that a map fused from both in the teacher's scale recalibrates to
+    `max(recalibrate(q), p)` (`closed_loop.fuse_with_student`); p is returned as float32 for threshold 0.5."""
+    if not 0.0 < threshold < 1.0:
+        raise SemiSAMError(f"teacher threshold must lie in (0, 1), got {threshold}")
+    p = np.asarray(p, np.float32)
+    if threshold == 0.5:
+        return p
+    p = np.clip(p.astype(np.float64), EPS, 1.0 - EPS)
+    z = np.log(p / (1.0 - p)) + math.log(threshold / (1.0 - threshold))
+    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
 
 def check_threshold_setting(value, name: str) -> None:

@@ -6,7 +6,8 @@
   §2.3 boxes, MedSAM re-segments from its cached image embeddings (§2.7: the image encoder runs once per case and
   slice over the whole run), and the maps of the previous round are replaced. Images without a box are marked
   unavailable (their KD term is skipped). With `student_fusion` the stored map is `fuse_with_student`: the
-  voxel-wise maximum of the teacher's and the student's foreground probability (§4.5, ours).
+  voxel-wise maximum of the teacher's and the student's foreground probability, the latter mapped onto the teacher's
+  scale at the calibrated threshold (§4.5, ours).
 
 Both stores use the pseudo-label format of `nnunet_semisam.teachers.pseudolabels` (atomic per-case writes, manifest),
 in `<root>/labeled` and `<root>/unlabeled`; a training run keeps them in its fold's output folder, so folds and
@@ -39,21 +40,26 @@ from nnunet_semisam.teachers.pseudolabels import CaseSource, generate_pseudolabe
 PredictFn = Callable[[np.ndarray], np.ndarray]  # preprocessed case (C, *spatial) -> foreground mask (*spatial)
 
 
-def fuse_with_student(teacher_prob: np.ndarray, conf: np.ndarray, student_prob: np.ndarray) -> np.ndarray:
-    """Fused target of one unlabeled case (METHODS.md §4.5, `student_fusion`): `max(q, p_s)` where the teacher was
+def fuse_with_student(teacher_prob: np.ndarray, conf: np.ndarray, student_prob: np.ndarray,
+                      threshold: float = 0.5) -> np.ndarray:
+    """Fused target of one unlabeled case (METHODS.md §4.5, `student_fusion`): `max(q, T(p_s))` where the teacher was
     prompted (`conf`), `q` elsewhere.
 
     `q` is the teacher's map from the student's boxes, `p_s = 1 - softmax(z)_0` the student's foreground probability
     at the refresh. The teacher segments inside boxes drawn around the student's (often partial) masks, so it misses
-    lesion the student found and the student misses lesion the teacher found; the maximum keeps both (the union of
-    the two masks at 0.5). Slices without a prompt stay as they are (no target there).
+    lesion the student found and the student misses lesion the teacher found; the maximum keeps both. The stored map
+    is on the teacher's scale: `T = calibration.to_teacher_scale` at the trainer's teacher threshold t*, so the map
+    the loss recalibrates is `max(recalibrate(q, t*), p_s)`, the union of the teacher's mask at t* and the student's
+    at 0.5 (t* = 0.5: `T` is the identity). Slices without a prompt stay as they are (no target there).
     """
+    from nnunet_semisam.teachers.calibration import to_teacher_scale
+
     q = np.asarray(teacher_prob, np.float32)
     p = np.asarray(student_prob, np.float32)
     if q.shape != p.shape or np.shape(conf) != q.shape:
         raise SemiSAMError(f"fuse_with_student: teacher map {q.shape}, student map {p.shape} and conf "
                            f"{np.shape(conf)} must have the same shape")
-    return np.where(np.asarray(conf, bool), np.maximum(q, np.clip(p, 0.0, 1.0)), q)
+    return np.where(np.asarray(conf, bool), np.maximum(q, to_teacher_scale(np.clip(p, 0.0, 1.0), threshold)), q)
 
 
 class ProgressLog:
@@ -168,13 +174,15 @@ class ClosedLoopTargets:
         log_chunks: how many progress lines one stage logs at most.
         student_fusion: store `fuse_with_student` of the teacher's map and the student's probability for unlabeled
             cases (the refresh's predictor must then have `with_probability`); False stores the teacher's map.
+        fusion_threshold: the teacher threshold t* the fusion maps the student's probability to (set by the trainer
+            once t* is known; 0.5: the teacher's maps as they are).
     """
 
     def __init__(self, teacher, root: str | os.PathLike, normalization_schemes: Sequence[str],
                  intensity_properties: dict | None = None, teacher_channel: int = 0, box_min_area: int = 10,
                  max_boxes: int = 5, progress: bool = False, workers: int | None = None,
                  log: Callable[[str], None] | None = None, log_chunks: int = 10, box_refine_rounds: int = 0,
-                 student_fusion: bool = False):
+                 student_fusion: bool = False, fusion_threshold: float = 0.5):
         self.teacher = teacher
         self.root = Path(root)
         self.labeled_folder = self.root / "labeled"
@@ -190,6 +198,7 @@ class ClosedLoopTargets:
         self.log = log
         self.log_chunks = max(1, int(log_chunks))
         self.student_fusion = bool(student_fusion)
+        self.fusion_threshold = float(fusion_threshold)
 
     def _params(self, prompt_source: str, box_min_area: int, extra: dict, box_refine_rounds: int = 0
                 ) -> PseudoLabelParams:
@@ -227,6 +236,8 @@ class ClosedLoopTargets:
         extra = {"closed_loop": "unlabeled", "round": int(round_index)}
         if self.student_fusion:
             extra["fusion"] = "max-student"
+            if self.fusion_threshold != 0.5:
+                extra["fusion_threshold"] = self.fusion_threshold
         params = self._params("student", self.box_min_area, extra, self.box_refine_rounds)
         student: dict[str, np.ndarray] = {}
 
@@ -237,7 +248,8 @@ class ClosedLoopTargets:
             return np.asarray(mask, bool)
 
         def fuse(case, prob, conf):
-            return fuse_with_student(prob, conf, student.pop(case.case_id).reshape(prob.shape)), conf
+            return fuse_with_student(prob, conf, student.pop(case.case_id).reshape(prob.shape),
+                                     self.fusion_threshold), conf
 
         info = {"stage": f"closed-loop refresh round {round_index} (METHODS.md §4.5)"}
         distributed.barrier()  # nobody reads or rewrites the store while a rank still trains on the old maps

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nnunet_semisam.errors import SemiSAMError
-from nnunet_semisam.teachers.calibration import calibrate_threshold, recalibrate
+from nnunet_semisam.teachers.calibration import calibrate_threshold, recalibrate, to_teacher_scale
 
 
 def test_calibrate_threshold_hand_computed():
@@ -43,6 +43,20 @@ def test_recalibrate_hand_computed():
     assert torch.all(out[1:] >= out[:-1]), "monotone: the teacher's ranking of pixels is kept"
     with pytest.raises(SemiSAMError, match="teacher threshold"):
         recalibrate(q, 0.0)
+
+
+def test_to_teacher_scale_hand_computed_and_inverse():
+    p = np.array([0.0, 0.5, 0.7, 1.0], np.float32)
+    out = to_teacher_scale(p, 0.3)
+    # odds(p') = odds(p) * odds(t): 0.5 -> 0.3, 0.7 -> (7 / 3) * (3 / 7) = 1 -> 0.5; 0 and 1 stay (clamped)
+    np.testing.assert_allclose(out, [0.0, 0.3, 0.5, 1.0], atol=1e-5)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(to_teacher_scale(p, 0.5), p)
+    grid = np.linspace(0.01, 0.99, 50, dtype=np.float32)
+    np.testing.assert_allclose(recalibrate(torch.from_numpy(to_teacher_scale(grid, 0.03)), 0.03).numpy(), grid,
+                               atol=1e-5)
+    with pytest.raises(SemiSAMError, match="teacher threshold"):
+        to_teacher_scale(p, 1.0)
 
 
 def test_labeled_threshold_reads_store_and_labels(tiny2d, tmp_path):

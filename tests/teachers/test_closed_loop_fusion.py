@@ -19,6 +19,23 @@ def test_fuse_with_student_hand_computed():
         fuse_with_student(q, conf, p[:1])
 
 
+def test_fuse_with_student_at_calibrated_threshold():
+    """At t* = 0.3 the student's probability enters on the teacher's scale (odds times 3/7): 0.7 -> 0.5, 0.3 ->
+    9/58; recalibrating the fused map then gives max(recalibrate(q), p) (the union of q > t* and p > 0.5)."""
+    import torch
+
+    from nnunet_semisam.teachers.calibration import recalibrate
+
+    q = np.array([0.2, 0.35, 0.0, 0.1], np.float32)
+    p = np.array([0.7, 0.3, 0.9, 0.3], np.float32)
+    conf = np.array([True, True, False, True])
+    fused = fuse_with_student(q, conf, p, threshold=0.3)
+    np.testing.assert_allclose(fused, [0.5, 0.35, 0.0, 9 / 58], atol=1e-6)
+    back = recalibrate(torch.from_numpy(fused), 0.3).numpy()
+    expected = np.where(conf, np.maximum(recalibrate(torch.from_numpy(q), 0.3).numpy(), p), 0.0)
+    np.testing.assert_allclose(back, expected, atol=1e-5)
+
+
 class _Student:
     """A fixed 'student': a disc of foreground probability 0.8 in a 0.3 surround (below 0.5: not foreground)."""
 
@@ -53,20 +70,28 @@ def test_refresh_with_fusion_stores_max_of_teacher_and_student(tiny2d, tmp_path,
     assert cases
     teacher = LiteMedSAMTeacher.from_package()
     student = _Student()
+    from nnunet_semisam.teachers.calibration import to_teacher_scale
+
     stores = {}
-    for fusion in (False, True):
-        loop = ClosedLoopTargets(teacher, tmp_path / str(fusion), schemes, workers=1, student_fusion=fusion)
+    for key, fusion, t in (("plain", False, 0.5), ("fused", True, 0.5), ("fused@0.2", True, 0.2)):
+        loop = ClosedLoopTargets(teacher, tmp_path / key, schemes, workers=1, student_fusion=fusion,
+                                 fusion_threshold=t)
         stats = loop.refresh(cases, student, round_index=1)
         assert stats == {"cases": len(cases), "available": len(cases)}
-        stores[fusion] = loop.unlabeled_folder
-    assert student.calls == 2 * len(cases), "each refresh predicts each case once (fused: mask and probability)"
-    m = {f: json.loads((stores[f] / "manifest.json").read_text()) for f in stores}
-    assert m[True]["params"]["extra"]["fusion"] == "max-student" and "fusion" not in m[False]["params"]["extra"]
+        stores[key] = loop.unlabeled_folder
+    assert student.calls == 3 * len(cases), "each refresh predicts each case once (fused: mask and probability)"
+    extra = {k: json.loads((stores[k] / "manifest.json").read_text())["params"]["extra"] for k in stores}
+    assert extra["fused"]["fusion"] == "max-student" and "fusion" not in extra["plain"]
+    assert "fusion_threshold" not in extra["fused"] and extra["fused@0.2"]["fusion_threshold"] == 0.2
     for c in cases:
-        (q, conf), (fused, conf_f) = (load_pseudolabel(stores[f], c.case_id) for f in (False, True))
+        (q, conf), (fused, conf_f), (fused_t, _) = (load_pseudolabel(stores[k], c.case_id)
+                                                    for k in ("plain", "fused", "fused@0.2"))
         np.testing.assert_array_equal(conf, conf_f)
         assert conf.all(), "every slice had a box from the disc"
         _, p = student.with_probability(np.zeros((1, *q.shape[1:]), np.float32))
-        p16 = p[None].astype(np.float16).astype(np.float32)  # the store keeps float16; max commutes with rounding
-        np.testing.assert_array_equal(fused, np.maximum(q, p16))
-        assert (fused > q).any() and (fused == q).any(), "both sources contribute"
+        for out, t in ((fused, 0.5), (fused_t, 0.2)):
+            # the store keeps float16; max commutes with rounding
+            p16 = to_teacher_scale(p[None], t).astype(np.float16).astype(np.float32)
+            np.testing.assert_array_equal(out, np.maximum(q, p16))
+            assert (out > q).any() and (out == q).any(), "both sources contribute"
+        assert (fused_t <= fused).all() and (fused_t < fused).any(), "t* < 0.5 lowers p_s on the teacher's scale"
