@@ -15,27 +15,21 @@ model teacher on the labeled cases and the dataset's `imagesUnlabeled/`:
     L_total = λ1 (L_l + L_sup) + λ2 L_u  (eqs. 6-7),  λ1 = 1, λ2 = 0.5,
   L_sup = nnU-Net's DC+CE on the labeled masks (off in `_boxOnly`, the paper-literal §4.4 setting). Only L_l (+ L_sup)
   during `init_epochs` warm-up epochs.
-- FPKDM teacher features: the teacher's training-time path on the augmented batch (`teachers.feature_side`; side
-  `teacher_input_size`, default "auto": the native side on CUDA; on CPU, for LiteMedSAM, the largest side up to the
-  patch side whose stage grids its attention windows tile, 56 for a 64 patch).
-  Clean and perturbed taps go through one re-injection path; the student's perturbed re-run leaves BatchNorm
-  running statistics untouched. Background (outside nnU-Net's mask, padding, rotated-out areas) travels with the
-  sample as a channel and feeds the FBVM valid mask and the teacher input (§2.4 correction).
+- FPKDM (§4.1, §2.8): the teacher's training-time feature path on the augmented batch (`teachers.feature_side`,
+  side `teacher_input_size`); nnU-Net's background travels with the sample as a channel (§2.4 correction).
 - Closed loop (§4.5, `teachers.closed_loop`): GT-box targets for the labeled cases at start; at joint epochs
   `pl_start`, then every `pl_every`, the student's sliding-window foreground gives boxes and the teacher re-segments
   every unlabeled case from cached embeddings (reference path only); with `student_box_refine` > 0 (`_boxRefine`),
-  box sides that cut through the teacher's mask grow for that many rounds first (`teachers.box_refine`). With
-  `teacher_threshold = "calibrate"` (`_calibrated`) both KD terms fit the maps recalibrated at the threshold t* that
-  best reproduces the labeled masks from their GT boxes (`teachers.calibration`).
+  box sides that cut through the teacher's mask grow for that many rounds first (`teachers.box_refine`);
+  `student_fusion` stores the union with the student's probability; with `teacher_threshold = "calibrate"` both KD
+  terms fit the maps recalibrated at the threshold t* that best reproduces the labeled masks (`teachers.calibration`).
 - Optimisation (§4.6): SGD (momentum 0.99, nesterov, wd 3e-5, none for A_log/D) over student and projectors, 100
   epochs, B_l = B_u = the plans' batch size, nnU-Net's lr 1e-2 + poly (the paper's 1e-3 + cosine is `_paperOptim`).
 
-Start-up checks (`preflight_checks`, before the network is built or a data worker starts): the base trainer's, the
-method's settings, and the teacher checkpoint, loaded once there; each failure is a one-line error naming the file or
-value. The closed-loop refresh and the labeled GT-box targets log their progress (cases done, elapsed time).
-
-Targets and embeddings live in the fold folder (`pseudolabels/`, `teacher_embeddings/`). `network_weights` in the
-checkpoint is the student; the projectors, the pseudo-label round and the FBVM polarity are extra state (`--c`).
+Start-up checks (`preflight_checks`, before the network is built or a data worker starts) end with the teacher
+checkpoint, loaded once; each failure is a one-line error naming the file or value. Targets and embeddings live in the
+fold folder (`pseudolabels/`, `teacher_embeddings/`); `network_weights` in the checkpoint is the student, the
+projectors, pseudo-label round, FBVM polarity and teacher threshold are extra state (`--c`).
 """
 from __future__ import annotations
 
@@ -48,20 +42,19 @@ from nnunet_semisam.data.case_arrays import zscored_image_label_pairs
 from nnunet_semisam.data.soft_targets import SoftTargetTrainerMixin, split_soft_targets
 from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.losses.fbvm import VALID_MASK_MODES, estimate_polarity, fbvm_loss, fbvm_valid_mask
-from nnunet_semisam.losses.fpkdm import FeatureProjector
 from nnunet_semisam.losses.kd import kd_loss, response_distillation_loss
 from nnunet_semisam.networks.kd_student import (KDStudentTrainerMixin, standardize_per_image,
                                                 student_parameter_groups)
 from nnunet_semisam.schedules import CosineLRScheduler
-from nnunet_semisam.teachers.calibration import check_threshold_setting, recalibrate
+from nnunet_semisam.teachers.calibration import recalibrate
 from nnunet_semisam.teachers.closed_loop import ClosedLoopTargets
-from nnunet_semisam.teachers.factory import load_training_teacher
-from nnunet_semisam.teachers.feature_side import TeacherFeatures, check_side_setting, fpkdm_pair
+from nnunet_semisam.teachers.kd_teacher import KDTeacherTrainerMixin
 from nnunet_semisam.teachers.pseudolabels import CaseSource
 from nnunet_semisam.trainers.semi_supervised import LossTerms, SemiSupervisedTrainer
 
 
-class MedSAMMambaKDTrainer(SoftTargetTrainerMixin, KDStudentTrainerMixin, SemiSupervisedTrainer):
+class MedSAMMambaKDTrainer(KDTeacherTrainerMixin, SoftTargetTrainerMixin, KDStudentTrainerMixin,
+                           SemiSupervisedTrainer):
     loss_terms = ("supervised", "kd_l", "rd_l", "fbvm_l", "kd_u", "rd_u", "fbvm_u")
     compile_network = False
     compile_off_reason = ("FPKDM re-runs the student's later stages (`encode_from`) on perturbed features and the "
@@ -102,9 +95,6 @@ class MedSAMMambaKDTrainer(SoftTargetTrainerMixin, KDStudentTrainerMixin, SemiSu
         self.lr_schedule = "poly"  # poly (nnU-Net) | cosine (paper, §4.6)
         self.num_epochs = 100
 
-        self.teacher = None
-        self.features: TeacherFeatures | None = None
-        self.projector: FeatureProjector | None = None
         self.targets: ClosedLoopTargets | None = None
         self.polarity: list[float] | None = None
         self.threshold: float | None = None  # the teacher threshold in use (t* once calibrated)
@@ -116,36 +106,10 @@ class MedSAMMambaKDTrainer(SoftTargetTrainerMixin, KDStudentTrainerMixin, SemiSu
                 "lr_schedule": ("poly", "cosine"), "teacher_weights": ("medsam", "sam")}
 
     def preflight_checks(self) -> None:
-        """The base checks (folders, `SETTINGS`), then `teacher_input_size` (`teachers.feature_side`),
-        `teacher_threshold` (`teachers.calibration`), the teacher channel, and the teacher itself, loaded here once
-        (a missing, truncated or foreign checkpoint, or no `$SEMISAM_SAM_CHECKPOINT` for the SAM ablation, is a
-        one-line error)."""
+        """The base checks (folders, `SETTINGS`), then the teacher settings and the teacher itself, loaded here once
+        (`KDTeacherTrainerMixin.check_teacher`)."""
         super().preflight_checks()
-        check_side_setting(self.teacher_input_size, f"{self.__class__.__name__}.teacher_input_size")
-        check_threshold_setting(self.teacher_threshold, f"{self.__class__.__name__}.teacher_threshold")
-        if not 0 <= int(self.teacher_channel) < self.num_image_channels:
-            raise SemiSAMError(f"{self.__class__.__name__}.teacher_channel = {self.teacher_channel}: the dataset has "
-                               f"{self.num_image_channels} image channel(s) ({self.dataset_json['channel_names']})")
-        self.load_teacher_once()
-
-    def load_teacher_once(self):
-        """The frozen teacher with its embedding cache in the fold folder (`teachers.factory`), loaded at the first
-        call (preflight, or `initialize` when resuming with `--c`)."""
-        if self.teacher is None:
-            self.teacher, spec = load_training_teacher(self.teacher_spec, self.teacher_weights, os.path.join(
-                self.output_folder, "teacher_embeddings"), self.device)
-            self.print_to_log_file(f"teacher: {spec} (model type {self.teacher.model_type}, sha1 "
-                                   f"{(self.teacher.checkpoint_sha1 or '')[:12]})")
-        return self.teacher
-
-    def setup_teacher(self) -> None:
-        """The teacher, and FPKDM's teacher features and projectors P_l (§4.1, `teachers.feature_side.fpkdm_pair`)."""
-        self.load_teacher_once()
-        if self.use_fpkdm:
-            self.features, self.projector, line = fpkdm_pair(
-                self.teacher, self.network, self.num_input_channels, self.configuration_manager,
-                self.teacher_input_size, self.teacher_channel, self.projector_dropout, self.device)
-            self.print_to_log_file(line)
+        self.check_teacher()
 
     def configure_optimizers(self):
         """SGD over student and projectors (§4.6); `lr_schedule` poly (nnU-Net) or cosine to `min_lr` (paper)."""
@@ -160,16 +124,11 @@ class MedSAMMambaKDTrainer(SoftTargetTrainerMixin, KDStudentTrainerMixin, SemiSu
 
     # ------------------------------------------------------------------------------------------------ data
     @property
-    def targets_root(self) -> str:
+    def targets_root(self) -> str:  # labeled/: GT-box maps, unlabeled/: closed loop (SoftTargetTrainerMixin)
         return os.path.join(self.output_folder, "pseudolabels")
 
-    @property
-    def labeled_store_folder(self) -> str:  # training cases carry their GT-box teacher maps (SoftTargetTrainerMixin)
-        return os.path.join(self.targets_root, "labeled")
-
-    @property
-    def unlabeled_store_folder(self) -> str:
-        return os.path.join(self.targets_root, "unlabeled")
+    labeled_store_folder = property(lambda self: os.path.join(self.targets_root, "labeled"))
+    unlabeled_store_folder = property(lambda self: os.path.join(self.targets_root, "unlabeled"))
 
     # ------------------------------------------------------------------------------------------------ closed loop
     def on_train_start(self):
@@ -193,6 +152,7 @@ class MedSAMMambaKDTrainer(SoftTargetTrainerMixin, KDStudentTrainerMixin, SemiSu
         if self.threshold is None:  # not restored by `--c`
             self.threshold, line = self.targets.teacher_threshold(self.teacher_threshold, labeled)
             self.print_to_log_file(line)
+        self.targets.fusion_threshold = self.threshold  # fused maps recalibrate to max(q', p_s) (§4.5)
         super().on_train_start()
 
     def is_refresh_epoch(self, epoch: int) -> bool:
