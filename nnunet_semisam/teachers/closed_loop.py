@@ -35,6 +35,7 @@ from nnunet_semisam.data.pseudolabel_store import (PseudoLabelParams, load_pseud
                                                    read_record, write_manifest)
 from nnunet_semisam.distributed import shard_of
 from nnunet_semisam.errors import SemiSAMError
+from nnunet_semisam.teachers.calibration import to_teacher_scale
 from nnunet_semisam.teachers.pseudolabels import CaseSource, generate_pseudolabels
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # preprocessed case (C, *spatial) -> foreground mask (*spatial)
@@ -52,8 +53,6 @@ def fuse_with_student(teacher_prob: np.ndarray, conf: np.ndarray, student_prob: 
     the loss recalibrates is `max(recalibrate(q, t*), p_s)`, the union of the teacher's mask at t* and the student's
     at 0.5 (t* = 0.5: `T` is the identity). Slices without a prompt stay as they are (no target there).
     """
-    from nnunet_semisam.teachers.calibration import to_teacher_scale
-
     q = np.asarray(teacher_prob, np.float32)
     p = np.asarray(student_prob, np.float32)
     if q.shape != p.shape or np.shape(conf) != q.shape:
