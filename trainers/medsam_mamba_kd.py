@@ -124,11 +124,16 @@ class MedSAMMambaKDTrainer(KDTeacherTrainerMixin, SoftTargetTrainerMixin, KDStud
 
     # ------------------------------------------------------------------------------------------------ data
     @property
-    def targets_root(self) -> str:  # labeled/: GT-box maps, unlabeled/: closed loop (SoftTargetTrainerMixin)
+    def targets_root(self) -> str:
         return os.path.join(self.output_folder, "pseudolabels")
 
-    labeled_store_folder = property(lambda self: os.path.join(self.targets_root, "labeled"))
-    unlabeled_store_folder = property(lambda self: os.path.join(self.targets_root, "unlabeled"))
+    @property
+    def labeled_store_folder(self) -> str:  # training cases carry their GT-box teacher maps (SoftTargetTrainerMixin)
+        return os.path.join(self.targets_root, "labeled")
+
+    @property
+    def unlabeled_store_folder(self) -> str:
+        return os.path.join(self.targets_root, "unlabeled")
 
     # ------------------------------------------------------------------------------------------------ closed loop
     def on_train_start(self):

@@ -1,4 +1,4 @@
-"""Whole preprocessed cases as arrays, for statistics computed once before training (METHODS.md §4.2)."""
+"""Whole preprocessed cases as arrays, for statistics computed once before training (METHODS.md §4.2, §4.5)."""
 from __future__ import annotations
 
 from typing import Iterator, Sequence
@@ -20,3 +20,11 @@ def zscored_image_label_pairs(folder: str, keys: Sequence[str]) -> Iterator[tupl
         axes = tuple(range(1, x.ndim))
         x = (x - x.mean(axis=axes, keepdims=True)) / (x.std(axis=axes, keepdims=True) + 1e-8)
         yield x, np.asarray(seg[0]) > 0
+
+
+def foreground_masks(folder: str, keys: Sequence[str]) -> Iterator[np.ndarray]:
+    """The foreground mask `seg > 0` (*spatial, bool) of each preprocessed case in `keys`, in order (the mask the
+    GT boxes of the KD teacher targets come from, METHODS.md §4.5)."""
+    ds = nnUNetDatasetBlosc2(folder, list(keys))
+    for k in keys:
+        yield np.asarray(ds.load_case(k)[1][0]) > 0

@@ -60,13 +60,18 @@ def calibrate_threshold(pairs: Iterable[tuple[np.ndarray, np.ndarray]], threshol
     return max(grid, key=lambda t: (dice[t], t)), dice, n
 
 
-def recalibrate(q: torch.Tensor, threshold: float) -> torch.Tensor:
-    """`sigmoid(logit(q) - logit(threshold))` (module docstring); q is returned unchanged for threshold 0.5."""
+def _threshold_logit(threshold: float) -> float:
+    """logit(threshold), the shift of `recalibrate` and `to_teacher_scale`; a threshold outside (0, 1) is an error."""
     if not 0.0 < threshold < 1.0:
         raise SemiSAMError(f"teacher threshold must lie in (0, 1), got {threshold}")
-    if threshold == 0.5:
+    return math.log(threshold / (1.0 - threshold))
+
+
+def recalibrate(q: torch.Tensor, threshold: float) -> torch.Tensor:
+    """`sigmoid(logit(q) - logit(threshold))` (module docstring); q is returned unchanged for threshold 0.5."""
+    shift = _threshold_logit(threshold)
+    if shift == 0.0:
         return q
-    shift = math.log(threshold / (1.0 - threshold))
     return torch.sigmoid(torch.logit(q.float().clamp(EPS, 1.0 - EPS)) - shift).to(q.dtype)
 
 
@@ -74,14 +79,12 @@ def to_teacher_scale(p: np.ndarray, threshold: float) -> np.ndarray:
     """`sigmoid(logit(p) + logit(threshold))` (float32), the inverse of `recalibrate`: a student probability p
     mapped onto the teacher's scale at t*, so that a map fused from both in the teacher's scale recalibrates to
     `max(recalibrate(q), p)` (`closed_loop.fuse_with_student`); p is returned as float32 for threshold 0.5."""
-    if not 0.0 < threshold < 1.0:
-        raise SemiSAMError(f"teacher threshold must lie in (0, 1), got {threshold}")
+    shift = _threshold_logit(threshold)
     p = np.asarray(p, np.float32)
-    if threshold == 0.5:
+    if shift == 0.0:
         return p
     p = np.clip(p.astype(np.float64), EPS, 1.0 - EPS)
-    z = np.log(p / (1.0 - p)) + math.log(threshold / (1.0 - threshold))
-    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+    return (1.0 / (1.0 + np.exp(-(np.log(p / (1.0 - p)) + shift)))).astype(np.float32)
 
 
 def check_threshold_setting(value, name: str) -> None:

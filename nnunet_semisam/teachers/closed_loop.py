@@ -31,11 +31,12 @@ import numpy as np
 import torch
 
 from nnunet_semisam import distributed
+from nnunet_semisam.data.case_arrays import foreground_masks
 from nnunet_semisam.data.pseudolabel_store import (PseudoLabelParams, load_pseudolabel, manifest_params_sha1,
                                                    read_record, write_manifest)
 from nnunet_semisam.distributed import shard_of
 from nnunet_semisam.errors import SemiSAMError
-from nnunet_semisam.teachers.calibration import to_teacher_scale
+from nnunet_semisam.teachers.calibration import calibrate_threshold, to_teacher_scale
 from nnunet_semisam.teachers.pseudolabels import CaseSource, generate_pseudolabels
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # preprocessed case (C, *spatial) -> foreground mask (*spatial)
@@ -284,19 +285,17 @@ class ClosedLoopTargets:
         (foreground `seg > 0`, the mask the GT boxes came from); cases without a prompted map (no lesion) are left
         out, they score the same at every threshold.
         """
-        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
-
-        from nnunet_semisam.teachers.calibration import calibrate_threshold
-
-        datasets = {folder: nnUNetDatasetBlosc2(folder, [c.case_id for c in cases if c.folder == folder])
-                    for folder in {c.folder for c in cases}}  # one per preprocessed folder, not one per case
+        prompted = {}  # case id -> stored map, for the cases with a prompted map (2D: one image each)
+        for c in cases:
+            prob, conf = load_pseudolabel(self.labeled_folder, c.case_id)
+            if conf.any():
+                prompted[c.case_id] = prob[0]
 
         def pairs():
-            for c in cases:
-                prob, conf = load_pseudolabel(self.labeled_folder, c.case_id)
-                if conf.any():
-                    seg = datasets[c.folder].load_case(c.case_id)[1]
-                    yield prob[0], np.asarray(seg[0]).reshape(prob.shape[1:]) > 0
+            for folder in sorted({c.folder for c in cases}):  # one nnU-Net dataset per preprocessed folder
+                ids = [c.case_id for c in cases if c.folder == folder and c.case_id in prompted]
+                for case_id, mask in zip(ids, foreground_masks(folder, ids)):
+                    yield prompted[case_id], mask.reshape(prompted[case_id].shape)
 
         t_star, dice, n = calibrate_threshold(pairs())
         return t_star, (f"teacher threshold calibrated on {n} labeled cases: t* = {t_star} (mean GT-box Dice % by "
