@@ -82,6 +82,7 @@ class MedSAMMambaKDTrainer(KDTeacherTrainerMixin, SoftTargetTrainerMixin, KDStud
         self.init_epochs = 0  # labeled-only warm-up (§4.5, Table 6)
         self.pl_start = 10  # first refresh, in joint epochs (§4.5)
         self.pl_every = 10
+        self.student_box_margin = 0  # px added to every side of the student's boxes (§4.5)
         self.student_box_refine = 0  # rounds of growing student boxes that cut the teacher's mask (§4.5)
         self.student_fusion = False  # unlabeled targets max(teacher, student probability) (§4.5, `_fuseStudent`)
         self.teacher_threshold: float | str = 0.5  # teacher maps as they are | "calibrate": t* from labels (§4.5)
@@ -145,7 +146,8 @@ class MedSAMMambaKDTrainer(KDTeacherTrainerMixin, SoftTargetTrainerMixin, KDStud
         self.targets = ClosedLoopTargets(
             self.teacher, self.targets_root, self.configuration_manager.normalization_schemes,
             self.plans_manager.foreground_intensity_properties_per_channel, self.teacher_channel,
-            log=self.print_to_log_file, box_refine_rounds=self.student_box_refine, student_fusion=self.student_fusion)
+            log=self.print_to_log_file, box_refine_rounds=self.student_box_refine, student_fusion=self.student_fusion,
+            box_margin=self.student_box_margin)
         tr_keys, _ = self.do_split()
         if self.polarity is None:
             self.polarity = [float(s) for s in estimate_polarity(

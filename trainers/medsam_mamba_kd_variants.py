@@ -166,6 +166,15 @@ class MedSAMMambaKDTrainer_fuseStudent(MedSAMMambaKDTrainer):
         self.student_fusion = True
 
 
+class MedSAMMambaKDTrainer_boxMargin(MedSAMMambaKDTrainer):
+    """Closed loop with the student's boxes widened by 2 px per side before the teacher sees them (§4.5)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.student_box_margin = 2
+
+
 class MedSAMMambaKDTrainer_calibrated(MedSAMMambaKDTrainer):
     """Teacher maps recalibrated at the threshold t* that best reproduces the labeled masks from their GT boxes
     (`teachers.calibration`, §4.5)."""
@@ -365,3 +374,12 @@ class MedSAMMambaKDTrainer_calibratedFuseKDOnly_demo(MedSAMMambaKDTrainer_calibr
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.use_fpkdm = False
         self.use_fbvm = False
+
+
+class MedSAMMambaKDTrainer_boxMargin_demo(MedSAMMambaKDTrainer_demo):
+    """Student boxes widened by 2 px per side (§4.5) on the demo schedule."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.student_box_margin = 2

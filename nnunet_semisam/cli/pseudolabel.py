@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--var-threshold", type=float, default=0.05, help="u_th of Algorithm 2 (default 0.05)")
     p.add_argument("--box-min-area", type=int, default=10, help="drop components smaller than this (px)")
     p.add_argument("--max-boxes", type=int, default=5)
+    p.add_argument("--box-margin", type=int, default=0,
+                   help="px added to every side of each box derived from a mask (plain path, --aug 0; default 0: "
+                        "tight boxes, METHODS.md §2.3)")
     p.add_argument("--mask-prompt", choices=("box", "mask", "box+mask"), default="box",
                    help="how Algorithm 2's mask prompt reaches a 2D MedSAM (default: its boxes)")
     p.add_argument("--teacher-channel", type=int, default=0, help="input channel the teacher sees (rule U)")
@@ -118,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, model_type=args.model_type, medsam2_config=args.medsam2_config,
         medsam2_image_size=args.medsam2_image_size, prompt_file=args.prompt_file, student_model=args.student_model,
         fold=args.f, student_checkpoint=args.chk, cases=args.cases, aug=args.aug, var_threshold=args.var_threshold,
-        box_min_area=args.box_min_area, max_boxes=args.max_boxes, mask_prompt=args.mask_prompt,
+        box_min_area=args.box_min_area, max_boxes=args.max_boxes, box_margin=args.box_margin,
+        mask_prompt=args.mask_prompt,
         teacher_channel=args.teacher_channel, seed=args.seed, num_parts=args.num_parts, part_id=args.part_id,
         device=args.device, output_folder=args.output_folder, cache_dir=args.cache_dir, cache_gb=args.cache_gb,
         overwrite=args.overwrite, workers=args.workers, progress=not args.quiet)

@@ -62,6 +62,7 @@ class PseudoLabelParams:
     seed: int = 0
     medsam2_image_size: int = 0             # S of the MedSAM2 teacher (0 for MedSAM)
     box_refine_rounds: int = 0              # plain path: rounds of growing box sides that cut the mask (§4.5)
+    box_margin: int = 0                     # px added to every side of a mask's boxes (§2.3, §4.5)
     extra: dict = field(default_factory=dict)
 
     def sha1(self) -> str:

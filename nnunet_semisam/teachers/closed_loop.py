@@ -164,6 +164,8 @@ class ClosedLoopTargets:
         normalization_schemes, intensity_properties: the plans configuration's, for rule U (METHODS.md §2.4).
         teacher_channel: channel the teacher sees for non-RGB data.
         box_min_area / max_boxes: §2.3 for student boxes (labeled GT boxes use `box_min_area = 1`, §4.5).
+        box_margin: px added to every side of the student's boxes (§4.5: a student trained on a few labels
+            under-segments, and a tight box then cuts the teacher's mask); GT boxes stay tight (§2.3).
         box_refine_rounds: student boxes whose sides cut through the teacher's mask grow for up to this many rounds
             (`teachers.box_refine`, §4.5); 0 keeps the student's tight boxes. GT boxes are never grown.
         workers: threads for MedSAM's preprocessing of upcoming cases (default: the CPU cores, at most 8; the
@@ -182,7 +184,7 @@ class ClosedLoopTargets:
                  intensity_properties: dict | None = None, teacher_channel: int = 0, box_min_area: int = 10,
                  max_boxes: int = 5, progress: bool = False, workers: int | None = None,
                  log: Callable[[str], None] | None = None, log_chunks: int = 10, box_refine_rounds: int = 0,
-                 student_fusion: bool = False, fusion_threshold: float = 0.5):
+                 student_fusion: bool = False, fusion_threshold: float = 0.5, box_margin: int = 0):
         self.teacher = teacher
         self.root = Path(root)
         self.labeled_folder = self.root / "labeled"
@@ -193,6 +195,7 @@ class ClosedLoopTargets:
         self.box_min_area = box_min_area
         self.max_boxes = max_boxes
         self.box_refine_rounds = int(box_refine_rounds)
+        self.box_margin = int(box_margin)
         self.progress = progress
         self.workers = workers
         self.log = log
@@ -200,14 +203,14 @@ class ClosedLoopTargets:
         self.student_fusion = bool(student_fusion)
         self.fusion_threshold = float(fusion_threshold)
 
-    def _params(self, prompt_source: str, box_min_area: int, extra: dict, box_refine_rounds: int = 0
-                ) -> PseudoLabelParams:
+    def _params(self, prompt_source: str, box_min_area: int, extra: dict, box_refine_rounds: int = 0,
+                box_margin: int = 0) -> PseudoLabelParams:
         return PseudoLabelParams(teacher=self.teacher.model_type or "medsam",
                                  checkpoint_sha1=self.teacher.checkpoint_sha1 or "",
                                  model_type=self.teacher.model_type or "", prompt_source=prompt_source, aug=0,
                                  box_min_area=box_min_area, max_boxes=self.max_boxes,
                                  teacher_channel=self.teacher_channel, box_refine_rounds=box_refine_rounds,
-                                 extra=extra)
+                                 box_margin=box_margin, extra=extra)
 
     def labeled_targets(self, cases: Sequence[CaseSource]) -> dict[str, str]:
         """MedSAM from GT boxes for every labeled case not done yet (resumable); {case: done | skipped} for the
@@ -238,7 +241,7 @@ class ClosedLoopTargets:
             extra["fusion"] = "max-student"
             if self.fusion_threshold != 0.5:
                 extra["fusion_threshold"] = self.fusion_threshold
-        params = self._params("student", self.box_min_area, extra, self.box_refine_rounds)
+        params = self._params("student", self.box_min_area, extra, self.box_refine_rounds, self.box_margin)
         student: dict[str, np.ndarray] = {}
 
         def mask_fn(case, data, seg):

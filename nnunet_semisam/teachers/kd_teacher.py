@@ -26,7 +26,7 @@ class KDTeacherTrainerMixin:
 
     def check_teacher(self) -> None:
         """`teacher_input_size` (`teachers.feature_side`), `teacher_threshold` (`teachers.calibration`), the teacher
-        channel, then the teacher itself, loaded here once (a missing, truncated or foreign checkpoint, or no
+        channel, the student box margin, then the teacher itself, loaded here once (a missing, truncated or foreign checkpoint, or no
         `$SEMISAM_SAM_CHECKPOINT` for the SAM ablation, is a one-line error)."""
         name = self.__class__.__name__
         check_side_setting(self.teacher_input_size, f"{name}.teacher_input_size")
@@ -34,6 +34,8 @@ class KDTeacherTrainerMixin:
         if not 0 <= int(self.teacher_channel) < self.num_image_channels:
             raise SemiSAMError(f"{name}.teacher_channel = {self.teacher_channel}: the dataset has "
                                f"{self.num_image_channels} image channel(s) ({self.dataset_json['channel_names']})")
+        if int(self.student_box_margin) < 0:
+            raise SemiSAMError(f"{name}.student_box_margin = {self.student_box_margin}: must be >= 0 px")
         self.load_teacher_once()
 
     def load_teacher_once(self):

@@ -41,21 +41,30 @@ def box_from_mask(mask: np.ndarray) -> np.ndarray | None:
     return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.int64)
 
 
-def jitter_boxes(boxes: np.ndarray, hw: tuple[int, int], max_shift: int, rng: np.random.Generator) -> np.ndarray:
-    """Enlarge each box by a random integer 0..max_shift px per side, clipped to the image (MedSAM training style).
+def grow_boxes(boxes: np.ndarray, hw: tuple[int, int], shift: np.ndarray | int) -> np.ndarray:
+    """Move each side of each box outwards by `shift` px (an int, or (n, 4) per side), clipped to the image.
 
     boxes: (n, 4) `[x_min, y_min, x_max, y_max]`; hw: image (H, W). Returns a new int64 array (n, 4).
     """
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4).copy()
-    if max_shift <= 0 or len(boxes) == 0:
-        return boxes
+    shift = np.broadcast_to(np.asarray(shift, dtype=np.int64), boxes.shape)
     h, w = hw
-    shift = rng.integers(0, max_shift + 1, size=boxes.shape)
     boxes[:, 0] = np.maximum(0, boxes[:, 0] - shift[:, 0])
     boxes[:, 1] = np.maximum(0, boxes[:, 1] - shift[:, 1])
     boxes[:, 2] = np.minimum(w - 1, boxes[:, 2] + shift[:, 2])
     boxes[:, 3] = np.minimum(h - 1, boxes[:, 3] + shift[:, 3])
     return boxes
+
+
+def jitter_boxes(boxes: np.ndarray, hw: tuple[int, int], max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Enlarge each box by a random integer 0..max_shift px per side, clipped to the image (MedSAM training style).
+
+    boxes: (n, 4) `[x_min, y_min, x_max, y_max]`; hw: image (H, W). Returns a new int64 array (n, 4).
+    """
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    if max_shift <= 0 or len(boxes) == 0:
+        return boxes.copy()
+    return grow_boxes(boxes, hw, rng.integers(0, max_shift + 1, size=boxes.shape))
 
 
 def boxes_from_mask(
@@ -65,12 +74,15 @@ def boxes_from_mask(
     per_component: bool = True,
     jitter: int = 0,
     rng: np.random.Generator | None = None,
+    margin: int = 0,
 ) -> np.ndarray:
     """Boxes from a 2D binary mask (METHODS.md §2.3).
 
     per_component=True: one tight box per 8-connected component with area >= `min_area`, at most `max_boxes`, largest
     component first (ties: lower label first). per_component=False: one whole-mask box, if the mask has >= `min_area`
-    foreground pixels. `jitter > 0` enlarges each side by a random 0..jitter px (needs `rng`); the default is tight.
+    foreground pixels. `margin > 0` moves every side outwards by `margin` px (clipped to the image; components are
+selected on the tight boxes first), `jitter > 0` then by a further random 0..jitter px (needs `rng`); the default is
+tight.
 
     Returns int64 `(n, 4)`, n = 0 when there is no component (empty mask: no prompt, not an error).
     """
@@ -89,6 +101,10 @@ def boxes_from_mask(
         out = np.zeros((0, 4), dtype=np.int64)
         if m.sum() >= max(min_area, 1):
             out = box_from_mask(m)[None]
+    if margin < 0:
+        raise SemiSAMError(f"boxes_from_mask: margin must be >= 0 px, got {margin}")
+    if margin > 0 and len(out):
+        out = grow_boxes(out, m.shape, margin)
     if jitter > 0 and len(out):
         if rng is None:
             raise SemiSAMError("boxes_from_mask: jitter > 0 needs an rng (numpy.random.Generator)")

@@ -34,6 +34,7 @@ class PseudoLabelJob:
     var_threshold: float = 0.05
     box_min_area: int = 10
     max_boxes: int = 5
+    box_margin: int = 0
     mask_prompt: str = "box"
     teacher_channel: int = 0
     seed: int = 0
@@ -59,6 +60,9 @@ class PseudoLabelJob:
         shard(range(1), self.num_parts, self.part_id)  # validates num_parts / part_id
         if self.aug < 0:
             raise SemiSAMError(f"--aug must be >= 0, got {self.aug}")
+        if self.box_margin < 0 or (self.box_margin and self.aug > 0):
+            raise SemiSAMError(f"--box-margin {self.box_margin}: must be >= 0 px, and applies to the plain path "
+                               "(--aug 0) only")
         if not 0 < self.var_threshold <= 0.25:
             raise SemiSAMError(f"--var-threshold must be in (0, 0.25] (variance of values in [0, 1]), got "
                                f"{self.var_threshold}")
@@ -343,6 +347,7 @@ def run_pseudolabel_job(job: PseudoLabelJob) -> tuple[dict[str, str], Path]:
         teacher=job.teacher if job.teacher == "medsam2" else ("litemedsam" if model_type == "litemedsam" else "medsam"),
         checkpoint_sha1=sha1, model_type=model_type or "", prompt_source=job.prompts,
         aug=job.aug, var_threshold=job.var_threshold, box_min_area=job.box_min_area, max_boxes=job.max_boxes,
+        box_margin=job.box_margin,
         mask_prompt=job.mask_prompt, teacher_channel=job.teacher_channel, seed=job.seed,
         medsam2_image_size=job.medsam2_image_size if job.teacher == "medsam2" else 0,
         extra={"prompt_file": str(job.prompt_file) if job.prompt_file else None,

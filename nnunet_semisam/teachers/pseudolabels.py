@@ -75,7 +75,8 @@ def pseudolabel_case(teacher, image_u8: np.ndarray, coarse_mask: np.ndarray | No
     if params.aug <= 0:
         if boxes is None:
             boxes = {} if coarse_mask is None else boxes_from_mask_slicewise(
-                coarse_mask, min_area=params.box_min_area, max_boxes=params.max_boxes)
+                coarse_mask, min_area=params.box_min_area, max_boxes=params.max_boxes,
+                margin=params.box_margin)
         return slicewise_reference(teacher, image_u8, boxes, case_id, box_refine_rounds=params.box_refine_rounds)
     if coarse_mask is None:
         return np.zeros(zyx, np.float32), np.zeros(zyx, bool)
@@ -200,7 +201,8 @@ def generate_pseudolabels(
                 raise SemiSAMError(f"prompt mask of case {case.case_id} has shape {tuple(mask.shape)}, "
                                    f"expected the preprocessed shape {spatial}")
             if plain and boxes is None and mask is not None:
-                boxes = boxes_from_mask_slicewise(mask, min_area=params.box_min_area, max_boxes=params.max_boxes)
+                boxes = boxes_from_mask_slicewise(mask, min_area=params.box_min_area, max_boxes=params.max_boxes,
+                                                  margin=params.box_margin)
             yield case, u8, mask, boxes
 
     def schedule(item) -> None:  # MedSAM's ~1 s skimage resize of the next cases' prompted slices, in threads

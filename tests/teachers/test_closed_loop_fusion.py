@@ -95,3 +95,42 @@ def test_refresh_with_fusion_stores_max_of_teacher_and_student(tiny2d, tmp_path,
             np.testing.assert_array_equal(out, np.maximum(q, p16))
             assert (out > q).any() and (out == q).any(), "both sources contribute"
         assert (fused_t <= fused).all() and (fused_t < fused).any(), "t* < 0.5 lowers p_s on the teacher's scale"
+
+
+def test_refresh_with_box_margin_prompts_widened_student_boxes(tiny2d, tmp_path, monkeypatch):
+    """`box_margin` (`MedSAMMambaKDTrainer.student_box_margin`): the teacher receives the student's tight boxes
+    widened by the margin on every side (clipped to the image), the margin is part of the store's parameters (a
+    changed margin redoes the cases), and the stored map is the teacher's answer to the widened boxes."""
+    from nnunet_semisam.data.pseudolabel_store import load_pseudolabel
+    from nnunet_semisam.data.unlabeled import unlabeled_preprocessed_folder
+    from nnunet_semisam.teachers.litemedsam import LiteMedSAMTeacher
+    from nnunet_semisam.teachers.pseudolabels import CaseSource
+    from nnunet_semisam.teachers.prompts import boxes_from_mask
+
+    for k, v in tiny2d.items():
+        if k.startswith("nnUNet"):
+            monkeypatch.setenv(k, v)
+    folder = unlabeled_preprocessed_folder(990, "nnUNetPlans", "2d")
+    plans = json.loads((folder.parent / "nnUNetPlans.json").read_text())
+    schemes = plans["configurations"]["2d"]["normalization_schemes"]
+    case = [CaseSource(f.name[:-5], str(folder), False) for f in sorted(folder.glob("*.b2nd"))
+            if not f.name.endswith("_seg.b2nd")][0]
+    teacher = LiteMedSAMTeacher.from_package()
+    seen, segment = [], teacher.segment
+    monkeypatch.setattr(teacher, "segment", lambda emb, boxes, hw, **kw: (seen.append((np.array(boxes), emb)),
+                                                                          segment(emb, boxes, hw, **kw))[1])
+    student = _Student()
+    params = {}
+    for margin in (0, 3):
+        loop = ClosedLoopTargets(teacher, tmp_path / f"m{margin}", schemes, workers=1, box_margin=margin)
+        loop.refresh([case], student, round_index=1)
+        params[margin] = json.loads((loop.unlabeled_folder / "manifest.json").read_text())["params"]
+    assert params[0]["box_margin"] == 0 and params[3]["box_margin"] == 3
+    (tight, emb), (wide, _) = seen
+    disc = student(np.zeros((1, *load_pseudolabel(tmp_path / "m0" / "unlabeled", case.case_id)[0].shape[1:])))[0]
+    np.testing.assert_array_equal(tight, boxes_from_mask(disc, min_area=10))
+    h, w = disc.shape
+    np.testing.assert_array_equal(wide, np.clip(tight + [-3, -3, 3, 3], 0, [w - 1, h - 1, w - 1, h - 1]))
+    q_wide = load_pseudolabel(tmp_path / "m3" / "unlabeled", case.case_id)[0][0, 0]  # (1, Z=1, Y, X) store
+    expected = segment(emb, wide, (h, w)).max(0).values.numpy().astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(q_wide, expected)

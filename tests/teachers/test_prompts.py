@@ -54,6 +54,19 @@ def test_jitter_only_enlarges_and_stays_inside():
         boxes_from_mask(_two_blobs(), jitter=3)  # jitter needs an rng
 
 
+def test_margin_widens_every_side_clipped_to_the_image():
+    # blobs of _two_blobs: [12, 10, 24, 17] and [3, 2, 6, 4] in a 20 x 30 image; +3 px per side, clipped to
+    # columns 0..29 and rows 0..19
+    np.testing.assert_array_equal(boxes_from_mask(_two_blobs(), min_area=10, margin=3),
+                                  [[9, 7, 27, 19], [0, 0, 9, 7]])
+    # components are selected on their own pixels (the speck stays below min_area), not on the widened box
+    assert len(boxes_from_mask(_two_blobs(), min_area=2, margin=5)) == 2
+    np.testing.assert_array_equal(boxes_from_mask_slicewise(_two_blobs()[None], min_area=10, margin=1)[0],
+                                  [[11, 9, 25, 18], [2, 1, 7, 5]])
+    with pytest.raises(SemiSAMError, match="margin"):
+        boxes_from_mask(_two_blobs(), margin=-1)
+
+
 def test_slicewise_boxes():
     v = np.zeros((3, 20, 30), np.uint8)
     v[1] = _two_blobs()
@@ -93,3 +106,13 @@ def test_boxes_to_mask_roundtrip():
     boxes = boxes_from_mask(_two_blobs(), min_area=1)
     filled = boxes_to_mask(boxes, (20, 30))
     assert filled.sum() == 12 + 104 + 1 and (filled >= (_two_blobs() > 0)).all()
+
+
+def test_pseudolabel_job_box_margin_checks():
+    """`nnunet-semisam pseudolabel --box-margin`: >= 0, and only on the plain path (Algorithm 2 draws its own boxes)."""
+    from nnunet_semisam.teachers.pseudolabel_job import PseudoLabelJob
+
+    PseudoLabelJob(dataset="1", box_margin=2).validate()
+    for kwargs in ({"box_margin": -1}, {"box_margin": 2, "aug": 4}):
+        with pytest.raises(SemiSAMError, match=r"^--box-margin .*: must be >= 0 px, and applies to the plain path"):
+            PseudoLabelJob(dataset="1", **kwargs).validate()

@@ -195,7 +195,7 @@ def test_smoke_runs_skip_the_final_validation_unless_asked(dataset_copy, monkeyp
 
 def test_kd_settings_fail_before_the_teacher_loads_and_f1_builds_the_fpkdm_pair(dataset_copy):
     """`SETTINGS` (checked by the base trainer), `teacher_input_size` (`teachers.feature_side.check_side_setting`)
-    and `teacher_channel` are one-line errors before any teacher is loaded; every documented side setting, "f1"
+    `teacher_channel` and `student_box_margin` are one-line errors before any teacher is loaded; every documented side setting, "f1"
     included, passes, and `setup_teacher` then builds the teacher features at the side `feature_side` gives."""
     from nnunet_semisam.errors import SemiSAMError
     from nnunet_semisam.networks.kd_student import feature_shapes
@@ -207,7 +207,8 @@ def test_kd_settings_fail_before_the_teacher_loads_and_f1_builds_the_fpkdm_pair(
                                  ("teacher_input_size", 0, "teacher_input_size = 0: expected"),
                                  ("teacher_threshold", 1.5, "teacher_threshold = 1.5: expected 'calibrate' or"),
                                  ("teacher_threshold", "auto", "teacher_threshold = 'auto': expected 'calibrate'"),
-                                 ("teacher_channel", 3, "teacher_channel = 3: the dataset has 3 image channel(s)")]:
+                                 ("teacher_channel", 3, "teacher_channel = 3: the dataset has 3 image channel(s)"),
+                                 ("student_box_margin", -1, "student_box_margin = -1: must be >= 0 px")]:
         old = getattr(trainer, attr)
         setattr(trainer, attr, value)
         with pytest.raises(SemiSAMError) as e:
