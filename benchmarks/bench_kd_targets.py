@@ -16,8 +16,18 @@ empty target on a lesion-free image counts 100):
   area / label area there: is the teacher's boundary convention (not its prompts) the loss? Only training labels
   choose `t*`.
 
+- `teacher +m px` / `fused +m px`: the same with every student box widened by m px per side (`--margins`;
+  `boxes_from_mask(margin=m)`, the closed loop's `box_margin`, `MedSAMMambaKDTrainer.student_box_margin`): a student
+  trained on a few labels under-segments, and LiteMedSAM only segments inside its box.
+
+`--demo D` scores the runs of an `nnunet-semisam demo -o D` folder instead (fold 0 of each trained
+`nnUNet_results/Dataset501_DemoLesions/<trainer>__nnUNetPlans__2d`). The demo keeps no labels of its unlabeled images;
+they are regenerated from the `synthetic` record of its dataset.json (same generator, seed, shape and parameters,
+every case labeled) into `D/heldout/`, after checking that the regenerated images are byte-identical to the demo's.
+
 The teacher reads the raw RGB image (rule U inverts `RGBTo01Normalization` to the same bytes). CPU, single process:
-    python benchmarks/bench_kd_targets.py --out OUT [--runs nnUNetTrainer TinyMUNetTrainer]
+    python benchmarks/bench_kd_targets.py --out OUT [--runs nnUNetTrainer TinyMUNetTrainer] [--margins 0 2]
+    python benchmarks/bench_kd_targets.py --demo D [--runs TinyMUNetTrainer_demo] [--margins 0 1 2 3]
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ import argparse
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,18 +50,65 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return binary_metrics(a, b)["dice"]
 
 
-def predict_unlabeled(out: Path, run: Path, split: Path, dest: Path) -> Path:
-    """`nnUNetv2_predict` of the run's final checkpoint on the split's imagesUnlabeled, with probabilities, in the
-    benchmark machinery's environment for OUT (`runner.Context.env`)."""
+@dataclass
+class Layout:
+    """Where the images, the held-out labels and the trained 10 % runs are, and how a run predicts."""
+
+    raw: Path                        # imagesTr / labelsTr / imagesUnlabeled
+    heldout: Path                    # labels of imagesUnlabeled, never read by training
+    runs: dict[str, tuple[Path, str, dict]]  # name -> (trained model folder, fold, environment)
+    scratch: Path                    # predictions and the JSON go here
+
+
+def bench_layout(out: Path) -> Layout:
+    """`bench_medsam_mamba_kd.py accuracy --out OUT`: the 10 % split and its runs (fold `all`)."""
     from nnunet_semisam.benchmark import runner
 
-    results = run / "nnUNet_results"
-    model = next(results.glob("*/*__*__2d"))
+    split = next((out / "nnUNet_raw").glob("Dataset*_10pct_s*"), None)
+    if split is None or not (split / "labelsUnlabeled_heldout").is_dir():
+        sys.exit(f"error: no 10 % split with held-out labels under {out / 'nnUNet_raw'}")
+    dataset_id = int(split.name[len("Dataset"):].split("_")[0])
+    runs = {}
+    for r in sorted((out / "runs").glob("10pct_s*_*")):
+        models = [m for m in (r / "nnUNet_results").glob("*/*__*__2d")
+                  if (m / "fold_all/checkpoint_final.pth").is_file()]
+        if models:
+            env = runner.Context(out, split, dataset_id, split.name, "2d", "cpu").env(r / "nnUNet_results")
+            runs[r.name] = (models[0], "all", env)
+    return Layout(split, split / "labelsUnlabeled_heldout", runs, out)
+
+
+def demo_layout(folder: Path) -> Layout:
+    """`nnunet-semisam demo -o D`: its dataset, fold 0 of each trained run, labels regenerated (module docstring)."""
+    from nnunet_semisam.data.synthetic import SynthParams, make_synthetic_dataset
+    from nnunet_semisam.demo import DATASET_ID, demo_env
+
+    raw = next((folder / "nnUNet_raw").glob(f"Dataset{DATASET_ID}_*"), None)
+    if raw is None or not (raw / "imagesUnlabeled").is_dir():
+        sys.exit(f"error: no demo dataset with imagesUnlabeled/ under {folder / 'nnUNet_raw'}")
+    meta = json.loads((raw / "dataset.json").read_text())
+    syn = meta["synthetic"]
+    n_total = meta["numTraining"] + meta["numUnlabeled"] + meta["numTest"]
+    regen = folder / "heldout" / raw.name
+    if not (regen / "dataset.json").is_file():
+        make_synthetic_dataset(folder / "heldout", DATASET_ID, kind=syn["kind"], num_labeled=n_total, num_unlabeled=0,
+                               num_test=0, shape=syn["shape"], seed=syn["seed"], name=raw.name.split("_", 1)[1],
+                               params=SynthParams(**syn["params"]), progress=False, overwrite=True)
+    for f in (raw / "imagesUnlabeled").glob("*"):
+        if f.read_bytes() != (regen / "imagesTr" / f.name).read_bytes():
+            sys.exit(f"error: the regenerated {f.name} differs from the demo's: cannot recover its label")
+    env = demo_env(folder, "cpu")
+    models = sorted((folder / "nnUNet_results" / raw.name).glob("*__*__2d"))
+    runs = {m.name.split("__")[0]: (m, "0", env) for m in models if (m / "fold_0/checkpoint_final.pth").is_file()}
+    return Layout(raw, regen / "labelsTr", runs, folder)
+
+
+def predict_unlabeled(layout: Layout, name: str, dest: Path) -> Path:
+    """`nnUNetv2_predict` of a run's final checkpoint on imagesUnlabeled, with probabilities."""
+    model, fold, env = layout.runs[name]
     if not any(dest.glob("*.npz")):
-        dataset_id = int(split.name[len("Dataset"):].split("_")[0])
-        env = runner.Context(out, split, dataset_id, split.name, "2d", "cpu").env(results)
-        subprocess.run(["nnUNetv2_predict", "-i", str(split / "imagesUnlabeled"), "-o", str(dest), "-d",
-                        model.parent.name, "-c", "2d", "-f", "all", "-tr", model.name.split("__")[0], "-device", "cpu",
+        subprocess.run(["nnUNetv2_predict", "-i", str(layout.raw / "imagesUnlabeled"), "-o", str(dest), "-d",
+                        model.parent.name, "-c", "2d", "-f", fold, "-tr", model.name.split("__")[0], "-device", "cpu",
                         "-npp", "0", "-nps", "0", "--save_probabilities", "--disable_progress_bar"],
                        env=env, check=True, capture_output=True, text=True)
     return dest
@@ -58,8 +116,12 @@ def predict_unlabeled(out: Path, run: Path, split: Path, dest: Path) -> Path:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder of bench_medsam_mamba_kd.py accuracy")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--out", help="output folder of bench_medsam_mamba_kd.py accuracy")
+    src.add_argument("--demo", help="output folder of nnunet-semisam demo")
     p.add_argument("--runs", nargs="*", default=None, help="trainer names of the 10 %% runs (default: all)")
+    p.add_argument("--margins", nargs="*", type=int, default=[0, 2],
+                   help="px added to every side of the student's boxes, one column pair each (default: 0 2)")
     a = p.parse_args()
     from PIL import Image
 
@@ -67,23 +129,20 @@ def main() -> int:
     from nnunet_semisam.teachers.factory import load_teacher
     from nnunet_semisam.teachers.prompts import boxes_from_mask
 
-    out = Path(a.out).resolve()
-    split = next((out / "nnUNet_raw").glob("Dataset*_10pct_s*"), None)
-    if split is None or not (split / "labelsUnlabeled_heldout").is_dir():
-        sys.exit(f"error: no 10 % split with held-out labels under {out / 'nnUNet_raw'}")
-    runs = sorted(r for r in (out / "runs").glob("10pct_s*_*") if (r / "nnUNet_results").is_dir() and any(
-        (r / "nnUNet_results").glob("*/*/fold_all/checkpoint_final.pth")))
-    if a.runs:
-        runs = [r for r in runs if r.name.split("_", 2)[2] in a.runs]
+    layout = bench_layout(Path(a.out).resolve()) if a.out else demo_layout(Path(a.demo).resolve())
+    split = layout.raw
+    names = [n for n in layout.runs if not a.runs or n.split("_", 2)[-1] in a.runs or n in a.runs]
+    margins = sorted(set(a.margins) | {0})
     teacher = load_teacher(None)
     cases = sorted(f.name[: -len("_0000.png")] for f in (split / "imagesUnlabeled").glob("*_0000.png"))
     images = {c: np.asarray(Image.open(split / "imagesUnlabeled" / f"{c}_0000.png").convert("RGB")) for c in cases}
-    gts = {c: np.asarray(Image.open(split / "labelsUnlabeled_heldout" / f"{c}.png")) > 0 for c in cases}
+    gts = {c: np.asarray(Image.open(layout.heldout / f"{c}.png")) > 0 for c in cases}
     embeddings = {c: teacher.embed(images[c]) for c in cases}
 
-    def teacher_map(c: str, mask: np.ndarray, min_area: int) -> np.ndarray | None:
-        """Max over the §2.3 boxes of `mask` (labeled targets use min_area 1, student boxes 10); None: no box."""
-        boxes = boxes_from_mask(mask, min_area=min_area, max_boxes=5)
+    def teacher_map(c: str, mask: np.ndarray, min_area: int, margin: int = 0) -> np.ndarray | None:
+        """Max over the §2.3 boxes of `mask` (labeled targets use min_area 1, student boxes 10), widened by `margin`
+        px; None: no box."""
+        boxes = boxes_from_mask(mask, min_area=min_area, max_boxes=5, margin=margin)
         return teacher.segment(embeddings[c], boxes, mask.shape).amax(0).numpy() if len(boxes) else None
 
     # t*: the threshold that best reproduces the labeled images' masks from their GT boxes (training labels only)
@@ -104,9 +163,11 @@ def main() -> int:
         q = teacher_map(c, gts[c], 1)
         gt_box.append(dice(np.zeros_like(gts[c]) if q is None else q > 0.5, gts[c]))
         gt_box_t.append(dice(np.zeros_like(gts[c]) if q is None else q > t_star, gts[c]))
-    for run in runs:
-        pred = predict_unlabeled(out, run, split, out / "kd_targets" / run.name)
-        scores = {"student": [], "teacher": [], "fused": [], "teacher @ t*": [], "fused @ t*": []}
+    columns = ["student", "teacher", "fused", "teacher @ t*", "fused @ t*"] + [
+        f"{k} +{m} px" for m in margins if m for k in ("teacher", "fused")]
+    for name in names:
+        pred = predict_unlabeled(layout, name, layout.scratch / "kd_targets" / name)
+        scores = {k: [] for k in columns}
         boxed = 0
         for c in cases:
             mask = np.asarray(Image.open(pred / f"{c}.png")) > 0
@@ -117,24 +178,26 @@ def main() -> int:
                 continue
             boxed += 1
             scores["student"].append(dice(mask, gts[c]))
-            scores["teacher"].append(dice(q > 0.5, gts[c]))
-            fused = fuse_with_student(q, np.ones_like(mask), p_fg)
-            scores["fused"].append(dice(fused > 0.5, gts[c]))
-            scores["teacher @ t*"].append(dice(q > t_star, gts[c]))
-            scores["fused @ t*"].append(dice(fused > t_star, gts[c]))
-        rows[run.name] = {k: 100 * float(np.mean(v)) for k, v in scores.items()}
-        rows[run.name]["with a box"] = boxed
+            for m in margins:
+                qm = q if m == 0 else teacher_map(c, mask, 10, m)
+                tag = "" if m == 0 else f" +{m} px"
+                fused = fuse_with_student(qm, np.ones_like(mask), p_fg)
+                scores["teacher" + tag].append(dice(qm > 0.5, gts[c]))
+                scores["fused" + tag].append(dice(fused > 0.5, gts[c]))
+                if m == 0:
+                    scores["teacher @ t*"].append(dice(q > t_star, gts[c]))
+                    scores["fused @ t*"].append(dice(fused > t_star, gts[c]))
+        rows[name] = {k: 100 * float(np.mean(v)) for k, v in scores.items()}
+        rows[name]["with a box"] = boxed
     print(f"{len(lab_q)} labeled training images, teacher from GT boxes: area / label area at 0.5 = {area:.2f}; "
           "Dice % by threshold: " + ", ".join(f"{t}: {100 * d:.2f}" for t, d in lab_dice.items()) + f"; t* = {t_star}")
     print(f"{len(cases)} unlabeled training images of {split.name}; teacher from GT boxes: "
           f"{100 * np.mean(gt_box):.2f} % Dice at 0.5, {100 * np.mean(gt_box_t):.2f} at t*\n")
-    print("Dice % on the images with a box:\n")
-    print("| 10 % run | student | teacher (student boxes) | fused | teacher @ t* | fused @ t* | images with a box |\n"
-          "|---|---|---|---|---|---|---|")
+    print("Dice % on the images with a box (teacher / fused: from the student's boxes; at 0.5 unless noted):\n")
+    print("| 10 % run | " + " | ".join(columns) + " | images with a box |\n|---|" + "---|" * (len(columns) + 1))
     for name, r in rows.items():
-        print(f"| {name} | {r['student']:.2f} | {r['teacher']:.2f} | {r['fused']:.2f} | {r['teacher @ t*']:.2f} | "
-              f"{r['fused @ t*']:.2f} | {r['with a box']}/{len(cases)} |")
-    (out / "kd_targets.json").write_text(json.dumps({
+        print(f"| {name} | " + " | ".join(f"{r[k]:.2f}" for k in columns) + f" | {r['with a box']}/{len(cases)} |")
+    (layout.scratch / "kd_targets.json").write_text(json.dumps({
         "teacher_gt_boxes": 100 * float(np.mean(gt_box)), "teacher_gt_boxes_t_star": 100 * float(np.mean(gt_box_t)),
         "t_star": t_star, "labeled_dice_by_threshold": {str(t): 100 * d for t, d in lab_dice.items()},
         "labeled_area_ratio": area, "runs": rows}, indent=1))
