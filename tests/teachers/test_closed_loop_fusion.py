@@ -53,10 +53,9 @@ class _Student:
         return self.with_probability(data)[0]
 
 
-def test_refresh_with_fusion_stores_max_of_teacher_and_student(tiny2d, tmp_path, monkeypatch):
-    from nnunet_semisam.data.pseudolabel_store import load_pseudolabel
+def _unlabeled_cases(tiny2d, monkeypatch) -> tuple[list[str], list]:
+    """The normalization schemes and the preprocessed unlabeled cases of the session's tiny 2D dataset."""
     from nnunet_semisam.data.unlabeled import unlabeled_preprocessed_folder
-    from nnunet_semisam.teachers.litemedsam import LiteMedSAMTeacher
     from nnunet_semisam.teachers.pseudolabels import CaseSource
 
     for k, v in tiny2d.items():
@@ -64,10 +63,18 @@ def test_refresh_with_fusion_stores_max_of_teacher_and_student(tiny2d, tmp_path,
             monkeypatch.setenv(k, v)
     folder = unlabeled_preprocessed_folder(990, "nnUNetPlans", "2d")
     plans = json.loads((folder.parent / "nnUNetPlans.json").read_text())
-    schemes = plans["configurations"]["2d"]["normalization_schemes"]
     cases = [CaseSource(f.name[:-5], str(folder), False) for f in sorted(folder.glob("*.b2nd"))
-             if not f.name.endswith("_seg.b2nd")][:3]
+             if not f.name.endswith("_seg.b2nd")]
     assert cases
+    return plans["configurations"]["2d"]["normalization_schemes"], cases
+
+
+def test_refresh_with_fusion_stores_max_of_teacher_and_student(tiny2d, tmp_path, monkeypatch):
+    from nnunet_semisam.data.pseudolabel_store import load_pseudolabel
+    from nnunet_semisam.teachers.litemedsam import LiteMedSAMTeacher
+
+    schemes, cases = _unlabeled_cases(tiny2d, monkeypatch)
+    cases = cases[:3]
     teacher = LiteMedSAMTeacher.from_package()
     student = _Student()
     from nnunet_semisam.teachers.calibration import to_teacher_scale
@@ -102,19 +109,11 @@ def test_refresh_with_box_margin_prompts_widened_student_boxes(tiny2d, tmp_path,
     widened by the margin on every side (clipped to the image), the margin is part of the store's parameters (a
     changed margin redoes the cases), and the stored map is the teacher's answer to the widened boxes."""
     from nnunet_semisam.data.pseudolabel_store import load_pseudolabel
-    from nnunet_semisam.data.unlabeled import unlabeled_preprocessed_folder
     from nnunet_semisam.teachers.litemedsam import LiteMedSAMTeacher
-    from nnunet_semisam.teachers.pseudolabels import CaseSource
     from nnunet_semisam.teachers.prompts import boxes_from_mask
 
-    for k, v in tiny2d.items():
-        if k.startswith("nnUNet"):
-            monkeypatch.setenv(k, v)
-    folder = unlabeled_preprocessed_folder(990, "nnUNetPlans", "2d")
-    plans = json.loads((folder.parent / "nnUNetPlans.json").read_text())
-    schemes = plans["configurations"]["2d"]["normalization_schemes"]
-    case = [CaseSource(f.name[:-5], str(folder), False) for f in sorted(folder.glob("*.b2nd"))
-            if not f.name.endswith("_seg.b2nd")][0]
+    schemes, cases = _unlabeled_cases(tiny2d, monkeypatch)
+    case = cases[0]
     teacher = LiteMedSAMTeacher.from_package()
     seen, segment = [], teacher.segment
     monkeypatch.setattr(teacher, "segment", lambda emb, boxes, hw, **kw: (seen.append((np.array(boxes), emb)),
