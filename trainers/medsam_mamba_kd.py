@@ -19,17 +19,16 @@ model teacher on the labeled cases and the dataset's `imagesUnlabeled/`:
   side `teacher_input_size`); nnU-Net's background travels with the sample as a channel (§2.4 correction).
 - Closed loop (§4.5, `teachers.closed_loop`): GT-box targets for the labeled cases at start; at joint epochs
   `pl_start`, then every `pl_every`, the student's sliding-window foreground gives boxes and the teacher re-segments
-  every unlabeled case from cached embeddings (reference path only); with `student_box_refine` > 0 (`_boxRefine`),
-  box sides that cut through the teacher's mask grow for that many rounds first (`teachers.box_refine`);
-  `student_fusion` stores the union with the student's probability; with `teacher_threshold = "calibrate"` both KD
-  terms fit the maps recalibrated at the threshold t* that best reproduces the labeled masks (`teachers.calibration`).
+  every unlabeled case from cached embeddings (reference path only). Options of the loop, all off by default (§4.5):
+  `student_box_margin`, `student_box_refine`, `student_fusion`, `teacher_threshold = "calibrate"`.
 - Optimisation (§4.6): SGD (momentum 0.99, nesterov, wd 3e-5, none for A_log/D) over student and projectors, 100
   epochs, B_l = B_u = the plans' batch size, nnU-Net's lr 1e-2 + poly (the paper's 1e-3 + cosine is `_paperOptim`).
 
 Start-up checks (`preflight_checks`, before the network is built or a data worker starts) end with the teacher
-checkpoint, loaded once; each failure is a one-line error naming the file or value. Targets and embeddings live in the
-fold folder (`pseudolabels/`, `teacher_embeddings/`); `network_weights` in the checkpoint is the student, the
-projectors, pseudo-label round, FBVM polarity and teacher threshold are extra state (`--c`).
+checkpoint, loaded once (`KDTeacherTrainerMixin`); each failure is a one-line error naming the file or value.
+Targets and embeddings live in the fold folder (`pseudolabels/`, `teacher_embeddings/`); `network_weights` in the
+checkpoint is the student, the projectors, pseudo-label round, FBVM polarity and teacher threshold are extra state
+(`--c`).
 """
 from __future__ import annotations
 
@@ -105,12 +104,6 @@ class MedSAMMambaKDTrainer(KDTeacherTrainerMixin, SoftTargetTrainerMixin, KDStud
     # ------------------------------------------------------------------------------------------------ teacher
     SETTINGS = {"fbvm_valid_mask": VALID_MASK_MODES, "fbvm_polarity": ("estimate", "+1", "abs"),
                 "lr_schedule": ("poly", "cosine"), "teacher_weights": ("medsam", "sam")}
-
-    def preflight_checks(self) -> None:
-        """The base checks (folders, `SETTINGS`), then the teacher settings and the teacher itself, loaded here once
-        (`KDTeacherTrainerMixin.check_teacher`)."""
-        super().preflight_checks()
-        self.check_teacher()
 
     def configure_optimizers(self):
         """SGD over student and projectors (§4.6); `lr_schedule` poly (nnU-Net) or cosine to `min_lr` (paper)."""
@@ -223,22 +216,13 @@ class MedSAMMambaKDTrainer(KDTeacherTrainerMixin, SoftTargetTrainerMixin, KDStud
         super().on_train_epoch_end(train_outputs)
         self.logger.log("pseudolabel_round", self.pl_round, self.current_epoch)
 
-    def extra_checkpoint_state(self) -> dict:
-        state = {**super().extra_checkpoint_state(), "pseudolabel_round": self.pl_round, "polarity": self.polarity,
-                 "teacher_threshold": self.threshold}
-        if self.projector is not None:
-            state["projector"] = self.projector.state_dict()
-        return state
+    def extra_checkpoint_state(self) -> dict:  # the projectors: KDTeacherTrainerMixin
+        return {**super().extra_checkpoint_state(), "pseudolabel_round": self.pl_round, "polarity": self.polarity,
+                "teacher_threshold": self.threshold}
 
     def load_extra_checkpoint_state(self, state: dict) -> None:
         super().load_extra_checkpoint_state(state)
-        self.pl_round = int(state["pseudolabel_round"])
-        self.polarity = state["polarity"]
+        self.pl_round, self.polarity = int(state["pseudolabel_round"]), state["polarity"]
         self.threshold = state.get("teacher_threshold")
-        if self.projector is not None and "projector" in state:
-            self.projector.load_state_dict(state["projector"])
-        total = 0.0 if self.projector is None else sum(float(v.double().sum())
-                                                       for v in self.projector.state_dict().values())
         self.print_to_log_file(f"restored pseudo-label round {self.pl_round}, FBVM polarity {self.polarity}, "
-                               f"teacher threshold {self.threshold}, "
-                               f"projectors (sum of weights {total:.10e})")
+                               f"teacher threshold {self.threshold}")

@@ -1,11 +1,11 @@
 """The frozen teacher of a distillation trainer and its FPKDM feature path (METHODS.md §2.8, §4.1).
 
 `KDTeacherTrainerMixin` is the teacher side of `MedSAMMambaKDTrainer`, kept out of the trainer so that the trainer
-reads like its method: it checks the teacher settings before training starts, loads the teacher once
-(`teachers.factory.load_training_teacher`, embedding cache in the fold folder) and builds the teacher features with
-their projectors (`teachers.feature_side.fpkdm_pair`). The trainer provides the settings as attributes:
-`teacher_spec`, `teacher_weights`, `teacher_channel`, `teacher_input_size`, `teacher_threshold`, `use_fpkdm`,
-`projector_dropout`.
+reads like its method: it checks the teacher settings at the end of the start-up checks (`preflight_checks`), loads
+the teacher once (`teachers.factory.load_training_teacher`, embedding cache in the fold folder), builds the teacher
+features with their projectors (`teachers.feature_side.fpkdm_pair`) and keeps the projectors in the checkpoint. The
+trainer provides the settings as attributes: `teacher_spec`, `teacher_weights`, `teacher_channel`,
+`teacher_input_size`, `teacher_threshold`, `use_fpkdm`, `projector_dropout`, `student_box_margin`.
 """
 from __future__ import annotations
 
@@ -24,10 +24,15 @@ class KDTeacherTrainerMixin:
     features: TeacherFeatures | None = None
     projector = None
 
+    def preflight_checks(self) -> None:
+        """The trainer's own checks (folders, `SETTINGS`), then `check_teacher`: the teacher is loaded last."""
+        super().preflight_checks()
+        self.check_teacher()
+
     def check_teacher(self) -> None:
         """`teacher_input_size` (`teachers.feature_side`), `teacher_threshold` (`teachers.calibration`), the teacher
-        channel, the student box margin, then the teacher itself, loaded here once (a missing, truncated or foreign checkpoint, or no
-        `$SEMISAM_SAM_CHECKPOINT` for the SAM ablation, is a one-line error)."""
+        channel, the student box margin, then the teacher itself, loaded here once (a missing, truncated or foreign
+        checkpoint, or no `$SEMISAM_SAM_CHECKPOINT` for the SAM ablation, is a one-line error)."""
         name = self.__class__.__name__
         check_side_setting(self.teacher_input_size, f"{name}.teacher_input_size")
         check_threshold_setting(self.teacher_threshold, f"{name}.teacher_threshold")
@@ -56,3 +61,16 @@ class KDTeacherTrainerMixin:
                 self.teacher, self.network, self.num_input_channels, self.configuration_manager,
                 self.teacher_input_size, self.teacher_channel, self.projector_dropout, self.device)
             self.print_to_log_file(line)
+
+    def extra_checkpoint_state(self) -> dict:
+        state = super().extra_checkpoint_state()
+        if self.projector is not None:
+            state["projector"] = self.projector.state_dict()
+        return state
+
+    def load_extra_checkpoint_state(self, state: dict) -> None:
+        super().load_extra_checkpoint_state(state)
+        if self.projector is not None and "projector" in state:
+            self.projector.load_state_dict(state["projector"])
+            total = sum(float(v.double().sum()) for v in self.projector.state_dict().values())
+            self.print_to_log_file(f"restored FPKDM projectors (sum of weights {total:.10e})")
