@@ -81,8 +81,8 @@ def boxes_from_mask(
     per_component=True: one tight box per 8-connected component with area >= `min_area`, at most `max_boxes`, largest
     component first (ties: lower label first). per_component=False: one whole-mask box, if the mask has >= `min_area`
     foreground pixels. `margin > 0` moves every side outwards by `margin` px (clipped to the image; components are
-selected on the tight boxes first), `jitter > 0` then by a further random 0..jitter px (needs `rng`); the default is
-tight.
+    selected on the tight boxes first), `jitter > 0` then by a further random 0..jitter px (needs `rng`); the default
+    is tight.
 
     Returns int64 `(n, 4)`, n = 0 when there is no component (empty mask: no prompt, not an error).
     """
