@@ -13,6 +13,7 @@ fails records its error; the next one still runs.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import traceback
@@ -91,6 +92,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     finally:
         torch.save = real_save
         trainer.stop_background_workers()
+        trainer.__dict__.pop("next_unlabeled_batch", None)  # the wrapper closes over the trainer: a reference cycle
     return result
 
 
@@ -111,6 +113,10 @@ def main() -> None:
         except Exception:  # noqa: BLE001 - recorded, the next trainer runs
             mine = {"ok": False, "error": traceback.format_exc()[-3000:]}
         report[name] = all_gather_objects(mine)
+        # free this trainer (its DDP reducer, loaders, gloo work) now, on every rank at the same point, rather than
+        # whenever the cyclic collector runs inside the next trainer's construction: one CI run saw a rank abort
+        # ("terminate called without an active exception") while the second trainer was being built
+        gc.collect()
         dist.barrier()
     if rank() == 0:
         with open(args.out + ".tmp", "w", encoding="utf-8") as f:
