@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+from nnunet_semisam.teachers.prompts import grow_boxes
+
 SegmentFn = Callable[[np.ndarray], np.ndarray]  # boxes (n, 4) xyxy -> probabilities (n, H, W)
 
 
@@ -42,19 +44,13 @@ def grow_cut_sides(segment: SegmentFn, boxes: np.ndarray, shape_hw: tuple[int, i
     boxes = np.asarray(boxes, np.int64).reshape(-1, 4).copy()
     prob = np.asarray(segment(boxes))
     for _ in range(max(0, int(rounds))):
-        new = boxes.copy()
+        shift = np.zeros_like(boxes)  # per side: the growth of the sides that cut the mask, 0 elsewhere
         for i, box in enumerate(boxes):
-            left, top, right, bottom = cut_sides(prob[i] > threshold, box, edge_fraction)
+            cut = cut_sides(prob[i] > threshold, box, edge_fraction)
             dx = max(1, int(round(grow * (box[2] - box[0] + 1))))
             dy = max(1, int(round(grow * (box[3] - box[1] + 1))))
-            if left:
-                new[i, 0] = max(0, box[0] - dx)
-            if top:
-                new[i, 1] = max(0, box[1] - dy)
-            if right:
-                new[i, 2] = min(w - 1, box[2] + dx)
-            if bottom:
-                new[i, 3] = min(h - 1, box[3] + dy)
+            shift[i] = np.array([dx, dy, dx, dy]) * np.array(cut)
+        new = grow_boxes(boxes, (h, w), shift)
         if np.array_equal(new, boxes):
             break
         boxes = new
