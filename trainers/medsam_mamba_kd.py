@@ -17,10 +17,11 @@ model teacher on the labeled cases and the dataset's `imagesUnlabeled/`:
   during `init_epochs` warm-up epochs.
 - FPKDM (§4.1, §2.8): the teacher's training-time feature path on the augmented batch (`teachers.feature_side`,
   side `teacher_input_size`); nnU-Net's background travels with the sample as a channel (§2.4 correction).
-- Closed loop (§4.5, `teachers.closed_loop`): GT-box targets for the labeled cases at start; at joint epochs
-  `pl_start`, then every `pl_every`, the student's sliding-window foreground gives boxes and the teacher re-segments
-  every unlabeled case from cached embeddings (reference path only). Options of the loop, all off by default (§4.5):
-  `student_box_margin`, `student_box_refine`, `student_fusion`, `teacher_threshold = "calibrate"`.
+- Closed loop (§4.5, `teachers.closed_loop`, run by `ClosedLoopTrainerMixin`): GT-box targets for the labeled
+  cases at start; at joint epochs `pl_start`, then every `pl_every`, the student's sliding-window foreground gives
+  boxes and the teacher re-segments every unlabeled case from cached embeddings (reference path only). Options of
+  the loop, all off by default (§4.5): `student_box_margin`, `student_box_refine`, `student_fusion`,
+  `teacher_threshold = "calibrate"`.
 - Optimisation (§4.6): SGD (momentum 0.99, nesterov, wd 3e-5, none for A_log/D) over student and projectors, 100
   epochs, B_l = B_u = the plans' batch size, nnU-Net's lr 1e-2 + poly (the paper's 1e-3 + cosine is `_paperOptim`).
 
@@ -31,8 +32,6 @@ checkpoint is the student, the projectors, pseudo-label round, FBVM polarity and
 (`--c`).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -46,14 +45,13 @@ from nnunet_semisam.networks.kd_student import (KDStudentTrainerMixin, standardi
                                                 student_parameter_groups)
 from nnunet_semisam.schedules import CosineLRScheduler
 from nnunet_semisam.teachers.calibration import recalibrate
-from nnunet_semisam.teachers.closed_loop import ClosedLoopTargets
+from nnunet_semisam.teachers.closed_loop_trainer import ClosedLoopTrainerMixin
 from nnunet_semisam.teachers.kd_teacher import KDTeacherTrainerMixin
-from nnunet_semisam.teachers.pseudolabels import CaseSource
 from nnunet_semisam.trainers.semi_supervised import LossTerms, SemiSupervisedTrainer
 
 
-class MedSAMMambaKDTrainer(KDTeacherTrainerMixin, SoftTargetTrainerMixin, KDStudentTrainerMixin,
-                           SemiSupervisedTrainer):
+class MedSAMMambaKDTrainer(KDTeacherTrainerMixin, ClosedLoopTrainerMixin, SoftTargetTrainerMixin,
+                           KDStudentTrainerMixin, SemiSupervisedTrainer):
     loss_terms = ("supervised", "kd_l", "rd_l", "fbvm_l", "kd_u", "rd_u", "fbvm_u")
     compile_network = False
     compile_off_reason = ("FPKDM re-runs the student's later stages (`encode_from`) on perturbed features and the "
@@ -94,12 +92,7 @@ class MedSAMMambaKDTrainer(KDTeacherTrainerMixin, SoftTargetTrainerMixin, KDStud
         self.min_lr = 1e-5  # cosine only
         self.lr_schedule = "poly"  # poly (nnU-Net) | cosine (paper, §4.6)
         self.num_epochs = 100
-
-        self.targets: ClosedLoopTargets | None = None
-        self.polarity: list[float] | None = None
-        self.threshold: float | None = None  # the teacher threshold in use (t* once calibrated)
-        self.pl_round = 0
-        self.logger.local_logger.my_fantastic_logging.setdefault("pseudolabel_round", [])
+        self.polarity: list[float] | None = None  # FBVM polarity per channel (§4.2), estimated at start
 
     # ------------------------------------------------------------------------------------------------ teacher
     SETTINGS = {"fbvm_valid_mask": VALID_MASK_MODES, "fbvm_polarity": ("estimate", "+1", "abs"),
@@ -116,66 +109,22 @@ class MedSAMMambaKDTrainer(KDTeacherTrainerMixin, SoftTargetTrainerMixin, KDStud
             return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
         return optimizer, CosineLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.min_lr)
 
-    # ------------------------------------------------------------------------------------------------ data
-    @property
-    def targets_root(self) -> str:
-        return os.path.join(self.output_folder, "pseudolabels")
-
-    @property
-    def labeled_store_folder(self) -> str:  # training cases carry their GT-box teacher maps (SoftTargetTrainerMixin)
-        return os.path.join(self.targets_root, "labeled")
-
-    @property
-    def unlabeled_store_folder(self) -> str:
-        return os.path.join(self.targets_root, "unlabeled")
-
     # ------------------------------------------------------------------------------------------------ closed loop
     def on_train_start(self):
-        """`preflight` (every check, the teacher loaded), initialisation, FBVM polarity and the labeled GT-box
-        targets, then the base start (nnU-Net's loaders and workers)."""
+        """`preflight` (every check, the teacher loaded), initialisation, FBVM polarity, the closed loop's labeled
+        GT-box targets and teacher threshold (`ClosedLoopTrainerMixin`), then the base start (nnU-Net's loaders and
+        workers). The refreshes run at the start of their epochs (`ClosedLoopTrainerMixin.on_train_epoch_start`)."""
         self.preflight()
         if not self.was_initialized:
             self.initialize()
-        self.targets = ClosedLoopTargets(
-            self.teacher, self.targets_root, self.configuration_manager.normalization_schemes,
-            self.plans_manager.foreground_intensity_properties_per_channel, self.teacher_channel,
-            log=self.print_to_log_file, box_refine_rounds=self.student_box_refine, student_fusion=self.student_fusion,
-            box_margin=self.student_box_margin)
         tr_keys, _ = self.do_split()
         if self.polarity is None:
             self.polarity = [float(s) for s in estimate_polarity(
                 zscored_image_label_pairs(self.preprocessed_dataset_folder, tr_keys))]
         self.print_to_log_file(f"FBVM polarity per channel (METHODS.md section 4.2): {self.polarity} "
                                f"(mode {self.fbvm_polarity})")
-        labeled = [CaseSource(k, self.preprocessed_dataset_folder, True) for k in tr_keys]
-        self.print_to_log_file(self.targets.labeled_start(labeled))
-        if self.threshold is None:  # not restored by `--c`
-            self.threshold, line = self.targets.teacher_threshold(self.teacher_threshold, labeled)
-            self.print_to_log_file(line)
-        self.targets.fusion_threshold = self.threshold  # fused maps recalibrate to max(q', p_s) (§4.5)
+        self.start_closed_loop(tr_keys)
         super().on_train_start()
-
-    def is_refresh_epoch(self, epoch: int) -> bool:
-        """Joint epochs pl_start, pl_start + pl_every, ... (§4.5)."""
-        joint = epoch - self.init_epochs
-        return joint >= self.pl_start and (joint - self.pl_start) % self.pl_every == 0
-
-    def on_train_epoch_start(self):
-        super().on_train_epoch_start()
-        if self.is_refresh_epoch(self.current_epoch):
-            self.refresh_pseudolabels()
-
-    def refresh_pseudolabels(self) -> None:
-        """One closed-loop round: student boxes -> teacher (cached embeddings) for every unlabeled case."""
-        cases = [CaseSource(k, self.unlabeled_folder, False) for k in self.unlabeled_cases]
-        self.print_to_log_file(f"pseudo-label round {self.pl_round + 1}: student boxes -> teacher for {len(cases)} "
-                               "unlabeled cases")
-        self.print_to_log_file(self.targets.student_round(
-            self.network, cases, self.pl_round + 1, plans_manager=self.plans_manager,
-            configuration_manager=self.configuration_manager, dataset_json=self.dataset_json,
-            trainer_name=self.__class__.__name__, device=self.device))
-        self.restart_unlabeled_loader()  # batches prepared before the refresh carry the old maps
-        self.pl_round += 1
 
     # ------------------------------------------------------------------------------------------------ losses
     def compute_loss_terms(self, data: torch.Tensor, target, batch_u: dict) -> LossTerms:
@@ -212,17 +161,10 @@ class MedSAMMambaKDTrainer(KDTeacherTrainerMixin, SoftTargetTrainerMixin, KDStud
         return terms
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def on_train_epoch_end(self, train_outputs: list[dict]):
-        super().on_train_epoch_end(train_outputs)
-        self.logger.log("pseudolabel_round", self.pl_round, self.current_epoch)
-
-    def extra_checkpoint_state(self) -> dict:  # the projectors: KDTeacherTrainerMixin
-        return {**super().extra_checkpoint_state(), "pseudolabel_round": self.pl_round, "polarity": self.polarity,
-                "teacher_threshold": self.threshold}
+    def extra_checkpoint_state(self) -> dict:  # projectors: KDTeacherTrainerMixin; round, threshold: ClosedLoop...
+        return {**super().extra_checkpoint_state(), "polarity": self.polarity}
 
     def load_extra_checkpoint_state(self, state: dict) -> None:
         super().load_extra_checkpoint_state(state)
-        self.pl_round, self.polarity = int(state["pseudolabel_round"]), state["polarity"]
-        self.threshold = state.get("teacher_threshold")
-        self.print_to_log_file(f"restored pseudo-label round {self.pl_round}, FBVM polarity {self.polarity}, "
-                               f"teacher threshold {self.threshold}")
+        self.polarity = state["polarity"]
+        self.print_to_log_file(f"restored FBVM polarity {self.polarity}")
