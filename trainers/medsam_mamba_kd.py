@@ -161,7 +161,7 @@ class MedSAMMambaKDTrainer(KDTeacherTrainerMixin, ClosedLoopTrainerMixin, SoftTa
         return terms
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def extra_checkpoint_state(self) -> dict:  # projectors: KDTeacherTrainerMixin; round, threshold: ClosedLoop...
+    def extra_checkpoint_state(self) -> dict:  # projectors, round and threshold: the two mixins
         return {**super().extra_checkpoint_state(), "polarity": self.polarity}
 
     def load_extra_checkpoint_state(self, state: dict) -> None:
