@@ -270,3 +270,79 @@ def test_variants_are_plain_subclasses():
     assert len(classes) >= 20
     for c in classes:
         assert f"class {c.__name__}(" in src and c.__module__ == v.__name__
+
+
+def test_closed_loop_mixin_schedule_stores_refresh_and_checkpoint_state(tmp_path):
+    """`ClosedLoopTrainerMixin` (METHODS.md §4.5) on its own: refreshes at joint epochs pl_start, pl_start + pl_every,
+    ... after `init_epochs`; the stores in the fold folder; a refresh hands the student and the unlabeled cases to
+    `ClosedLoopTargets.student_round`, restarts the unlabeled loader and counts the round; the round is logged per
+    epoch; round and threshold survive the checkpoint state, with their restore line."""
+    from nnunet_semisam.teachers.closed_loop_trainer import ClosedLoopTrainerMixin
+
+    calls = []
+
+    class Targets:
+        def student_round(self, network, cases, round_index, **kwargs):
+            calls.append((network, [(c.case_id, c.folder, c.labeled) for c in cases], round_index,
+                          kwargs["trainer_name"]))
+            return f"round {round_index} done"
+
+    class Logger:
+        def __init__(self):
+            self.local_logger = type("L", (), {"my_fantastic_logging": {}})()
+
+        def log(self, key, value, epoch):
+            self.local_logger.my_fantastic_logging[key].append((epoch, value))
+
+    class Base:  # what the mixin needs from nnU-Net's trainer
+        output_folder, unlabeled_folder, unlabeled_cases = str(tmp_path), str(tmp_path / "u"), ["x", "y"]
+        network, plans_manager, configuration_manager, dataset_json, device = "net", None, None, {}, "cpu"
+
+        def __init__(self):
+            self.lines, self.restarts, self.epoch_starts, self.logger = [], 0, 0, Logger()
+
+        def print_to_log_file(self, line):
+            self.lines.append(line)
+
+        def restart_unlabeled_loader(self):
+            self.restarts += 1
+
+        def on_train_epoch_start(self):
+            self.epoch_starts += 1
+
+        def on_train_epoch_end(self, outputs):
+            pass
+
+        def extra_checkpoint_state(self):
+            return {"base": 1}
+
+        def load_extra_checkpoint_state(self, state):
+            pass
+
+    class Trainer(ClosedLoopTrainerMixin, Base):
+        init_epochs, pl_start, pl_every = 2, 3, 4
+
+    t = Trainer()
+    assert [e for e in range(20) if t.is_refresh_epoch(e)] == [5, 9, 13, 17]  # joint epochs 3, 7, 11, 15
+    assert t.labeled_store_folder == str(tmp_path / "pseudolabels" / "labeled")
+    assert t.unlabeled_store_folder == str(tmp_path / "pseudolabels" / "unlabeled")
+
+    t.targets = Targets()
+    for epoch in range(10):
+        t.current_epoch = epoch
+        t.on_train_epoch_start()
+        t.on_train_epoch_end([])
+    assert t.epoch_starts == 10 and t.restarts == 2 and t.pl_round == 2
+    assert calls == [("net", [("x", str(tmp_path / "u"), False), ("y", str(tmp_path / "u"), False)], r, "Trainer")
+                     for r in (1, 2)]
+    assert "round 2 done" in t.lines
+    assert t.logger.local_logger.my_fantastic_logging["pseudolabel_round"] == [(e, int(e >= 5) + int(e >= 9))
+                                                                               for e in range(10)]
+
+    t.threshold = 0.07
+    state = t.extra_checkpoint_state()
+    assert state == {"base": 1, "pseudolabel_round": 2, "teacher_threshold": 0.07}
+    fresh = Trainer()
+    fresh.load_extra_checkpoint_state(state)
+    assert (fresh.pl_round, fresh.threshold) == (2, 0.07)
+    assert fresh.lines == ["restored pseudo-label round 2, teacher threshold 0.07"]
