@@ -11,7 +11,8 @@ reads like its method:
 - a refresh runs at the start of joint epochs `pl_start`, `pl_start + pl_every`, ... (joint epoch = epoch -
   `init_epochs`): the student's sliding-window foreground gives boxes, the teacher re-segments every unlabeled case
   from cached embeddings, and the unlabeled loader restarts so that no batch carries the old maps;
-- the round number and the threshold are checkpoint state; the round is also logged per epoch.
+- the round number and the threshold are checkpoint state; the round is also logged per epoch;
+- `preflight_checks` refuses a negative `student_box_margin` (one-line error) before the teacher is loaded.
 
 The trainer provides `teacher` (loaded), `init_epochs`, `pl_start`, `pl_every`, `teacher_threshold`,
 `teacher_channel`, `student_box_margin`, `student_box_refine` and `student_fusion`.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from nnunet_semisam.errors import SemiSAMError
 from nnunet_semisam.teachers.closed_loop import ClosedLoopTargets
 from nnunet_semisam.teachers.pseudolabels import CaseSource
 
@@ -32,6 +34,16 @@ class ClosedLoopTrainerMixin:
     targets: ClosedLoopTargets | None = None
     threshold: float | None = None  # the teacher threshold in use (t* once calibrated)
     pl_round = 0  # closed-loop rounds completed
+
+    def preflight_checks(self) -> None:
+        """The checks of the classes after this one (the trainer's own), then the loop's box margin."""
+        super().preflight_checks()
+        if int(self.student_box_margin) < 0:
+            raise SemiSAMError(f"{self.__class__.__name__}.student_box_margin = {self.student_box_margin}: must be "
+                               ">= 0 px")
+
+    def _term_log_keys(self) -> list[str]:  # registered with nnU-Net's logger at construction
+        return [*super()._term_log_keys(), "pseudolabel_round"]
 
     @property
     def targets_root(self) -> str:
@@ -83,7 +95,6 @@ class ClosedLoopTrainerMixin:
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
-        self.logger.local_logger.my_fantastic_logging.setdefault("pseudolabel_round", [])
         self.logger.log("pseudolabel_round", self.pl_round, self.current_epoch)
 
     def extra_checkpoint_state(self) -> dict:

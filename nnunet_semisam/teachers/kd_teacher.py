@@ -5,7 +5,7 @@ reads like its method: it checks the teacher settings at the end of the start-up
 the teacher once (`teachers.factory.load_training_teacher`, embedding cache in the fold folder), builds the teacher
 features with their projectors (`teachers.feature_side.fpkdm_pair`) and keeps the projectors in the checkpoint. The
 trainer provides the settings as attributes: `teacher_spec`, `teacher_weights`, `teacher_channel`,
-`teacher_input_size`, `teacher_threshold`, `use_fpkdm`, `projector_dropout`, `student_box_margin`.
+`teacher_input_size`, `teacher_threshold`, `use_fpkdm`, `projector_dropout`.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class KDTeacherTrainerMixin:
 
     def check_teacher(self) -> None:
         """`teacher_input_size` (`teachers.feature_side`), `teacher_threshold` (`teachers.calibration`), the teacher
-        channel, the student box margin, then the teacher itself, loaded here once (a missing, truncated or foreign
+        channel, then the teacher itself, loaded here once (a missing, truncated or foreign
         checkpoint, or no `$SEMISAM_SAM_CHECKPOINT` for the SAM ablation, is a one-line error)."""
         name = self.__class__.__name__
         check_side_setting(self.teacher_input_size, f"{name}.teacher_input_size")
@@ -39,8 +39,6 @@ class KDTeacherTrainerMixin:
         if not 0 <= int(self.teacher_channel) < self.num_image_channels:
             raise SemiSAMError(f"{name}.teacher_channel = {self.teacher_channel}: the dataset has "
                                f"{self.num_image_channels} image channel(s) ({self.dataset_json['channel_names']})")
-        if int(self.student_box_margin) < 0:
-            raise SemiSAMError(f"{name}.student_box_margin = {self.student_box_margin}: must be >= 0 px")
         self.load_teacher_once()
 
     def load_teacher_once(self):

@@ -276,7 +276,8 @@ def test_closed_loop_mixin_schedule_stores_refresh_and_checkpoint_state(tmp_path
     """`ClosedLoopTrainerMixin` (METHODS.md §4.5) on its own: refreshes at joint epochs pl_start, pl_start + pl_every,
     ... after `init_epochs`; the stores in the fold folder; a refresh hands the student and the unlabeled cases to
     `ClosedLoopTargets.student_round`, restarts the unlabeled loader and counts the round; the round is logged per
-    epoch; round and threshold survive the checkpoint state, with their restore line."""
+    epoch under a key registered at construction; a negative box margin fails the start-up checks; round and threshold
+    survive the checkpoint state, with their restore line."""
     from nnunet_semisam.teachers.closed_loop_trainer import ClosedLoopTrainerMixin
 
     calls = []
@@ -316,13 +317,28 @@ def test_closed_loop_mixin_schedule_stores_refresh_and_checkpoint_state(tmp_path
         def extra_checkpoint_state(self):
             return {"base": 1}
 
+        def _term_log_keys(self):
+            return ["loss_x"]
+
+        def preflight_checks(self):
+            self.lines.append("base checks")
+
         def load_extra_checkpoint_state(self, state):
             pass
 
     class Trainer(ClosedLoopTrainerMixin, Base):
-        init_epochs, pl_start, pl_every = 2, 3, 4
+        init_epochs, pl_start, pl_every, student_box_margin = 2, 3, 4, 0
 
     t = Trainer()
+    assert t._term_log_keys() == ["loss_x", "pseudolabel_round"]
+    for key in t._term_log_keys():  # what SemiSupervisedTrainer.__init__ does with them
+        t.logger.local_logger.my_fantastic_logging.setdefault(key, [])
+    t.preflight_checks()
+    t.student_box_margin = -1
+    with pytest.raises(SemiSAMError, match=r"^Trainer\.student_box_margin = -1: must be >= 0 px$"):
+        t.preflight_checks()
+    assert t.lines == ["base checks", "base checks"], "the trainer's own checks run first"
+    t.lines.clear()
     assert [e for e in range(20) if t.is_refresh_epoch(e)] == [5, 9, 13, 17]  # joint epochs 3, 7, 11, 15
     assert t.labeled_store_folder == str(tmp_path / "pseudolabels" / "labeled")
     assert t.unlabeled_store_folder == str(tmp_path / "pseudolabels" / "unlabeled")

@@ -195,8 +195,9 @@ def test_smoke_runs_skip_the_final_validation_unless_asked(dataset_copy, monkeyp
 
 def test_kd_settings_fail_before_the_teacher_loads_and_f1_builds_the_fpkdm_pair(dataset_copy):
     """`SETTINGS` (checked by the base trainer), `teacher_input_size` (`teachers.feature_side.check_side_setting`)
-    `teacher_channel` and `student_box_margin` are one-line errors before any teacher is loaded; every documented side setting, "f1"
-    included, passes, and `setup_teacher` then builds the teacher features at the side `feature_side` gives."""
+    `teacher_channel` and `student_box_margin` (`ClosedLoopTrainerMixin`) are one-line errors before any teacher is
+    loaded; every documented side setting, "f1" included, passes, and `setup_teacher` then builds the teacher features
+    at the side `feature_side` gives."""
     from nnunet_semisam.errors import SemiSAMError
     from nnunet_semisam.networks.kd_student import feature_shapes
     from nnunet_semisam.teachers.feature_side import feature_side
