@@ -20,6 +20,11 @@ empty target on a lesion-free image counts 100):
   `boxes_from_mask(margin=m)`, the closed loop's `box_margin`, `MedSAMMambaKDTrainer.student_box_margin`): a student
   trained on a few labels under-segments, and LiteMedSAM only segments inside its box.
 
+`--probe` adds a box-free question: does LiteMedSAM's image encoder itself separate lesions from background? A linear
+probe (scikit-learn's class-balanced logistic regression, C = 1) is fitted per pixel on the *labeled* training images'
+embeddings (the valid part of the 64x64 grid, bilinear to the image) and scored at 0.5 on every unlabeled image, next
+to the same probe on the RGB values alone. This is what feature distillation (L_RD) could pass on without a prompt.
+
 `--demo D` scores the runs of an `nnunet-semisam demo -o D` folder instead (fold 0 of each trained
 `nnUNet_results/Dataset501_DemoLesions/<trainer>__nnUNetPlans__2d`). The demo keeps no labels of its unlabeled images;
 they are regenerated from the `synthetic` record of its dataset.json (same generator, seed, shape and parameters,
@@ -27,7 +32,7 @@ every case labeled) into `D/heldout/`, after checking that the regenerated image
 
 The teacher reads the raw RGB image (rule U inverts `RGBTo01Normalization` to the same bytes). CPU, single process:
     python benchmarks/bench_kd_targets.py --out OUT [--runs nnUNetTrainer TinyMUNetTrainer] [--margins 0 2]
-    python benchmarks/bench_kd_targets.py --demo D [--runs TinyMUNetTrainer_demo] [--margins 0 1 2 3]
+    python benchmarks/bench_kd_targets.py --demo D [--runs TinyMUNetTrainer_demo] [--margins 0 1 2 3] [--probe]
 """
 from __future__ import annotations
 
@@ -58,6 +63,31 @@ class Layout:
     heldout: Path                    # labels of imagesUnlabeled, never read by training
     runs: dict[str, tuple[Path, str, dict]]  # name -> (trained model folder, fold, environment)
     scratch: Path                    # predictions and the JSON go here
+
+
+def pixel_features(embedding, hw: tuple[int, int]) -> np.ndarray:
+    """(H*W, C) per-pixel features from a LiteMedSAM embedding (1, C, 64, 64): the grid cells that cover the resized
+    image (METHODS.md §2.8: longest side to 256, padded bottom-right), bilinear to the image's own H x W."""
+    import torch.nn.functional as F
+
+    from nnunet_semisam.teachers.litemedsam import LITE_SIZE, resized_hw
+
+    grid = embedding.shape[-1]
+    nh, nw = (-(-n * grid // LITE_SIZE) for n in resized_hw(hw))
+    x = F.interpolate(embedding[..., :nh, :nw].float(), size=tuple(hw), mode="bilinear", align_corners=False)
+    return x[0].flatten(1).T.numpy()
+
+
+def linear_probe(train: list[tuple[np.ndarray, np.ndarray]], test: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Mean Dice (%) on `test` of a class-balanced logistic regression fitted on `train`; items (features (H*W, C),
+    mask (H, W)). Features are standardised with the training pixels' mean and spread."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.concatenate([f for f, _ in train])
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    clf = LogisticRegression(C=1.0, class_weight="balanced", max_iter=3000)
+    clf.fit((x - mu) / sd, np.concatenate([m.reshape(-1) for _, m in train]))
+    return 100 * float(np.mean([dice(clf.predict((f - mu) / sd).reshape(m.shape) > 0, m) for f, m in test]))
 
 
 def bench_layout(out: Path) -> Layout:
@@ -122,6 +152,8 @@ def main() -> int:
     p.add_argument("--runs", nargs="*", default=None, help="trainer names of the 10 %% runs (default: all)")
     p.add_argument("--margins", nargs="*", type=int, default=[0, 2],
                    help="px added to every side of the student's boxes, one column pair each (default: 0 2)")
+    p.add_argument("--probe", action="store_true",
+                   help="also fit a linear probe on the teacher's embeddings of the labeled images (docstring)")
     a = p.parse_args()
     from PIL import Image
 
@@ -157,6 +189,14 @@ def main() -> int:
     t_star = max(THRESHOLDS, key=lambda t: (lab_dice[t], t))
     area = float(np.mean([(q > 0.5).sum() / max(1, lab_gt[c].sum()) for c, q in lab_q.items()]))
 
+    probe = {}
+    if a.probe:
+        for name, feats in (("teacher embedding", lambda c, img: pixel_features(embeddings[c], img.shape[:2])),
+                            ("RGB", lambda c, img: img.reshape(-1, 3).astype(np.float32))):
+            lab = [(feats(c, np.asarray(Image.open(split / "imagesTr" / f"{c}_0000.png").convert("RGB"))), lab_gt[c])
+                   for c in lab_cases]
+            probe[name] = linear_probe(lab, [(feats(c, images[c]), gts[c]) for c in cases])
+
     rows = {}
     gt_box, gt_box_t = [], []
     for c in cases:
@@ -168,11 +208,12 @@ def main() -> int:
     for name in names:
         pred = predict_unlabeled(layout, name, layout.scratch / "kd_targets" / name)
         scores = {k: [] for k in columns}
-        boxed = 0
+        boxed, all_images = 0, []
         for c in cases:
             mask = np.asarray(Image.open(pred / f"{c}.png")) > 0
             with np.load(pred / f"{c}.npz") as z:
                 p_fg = 1.0 - z["probabilities"][0, 0].astype(np.float32)  # (C, 1, H, W): 1 - background
+            all_images.append(dice(mask, gts[c]))
             q = teacher_map(c, mask, 10)
             if q is None:  # no box: the trainer marks the image unavailable (no target)
                 continue
@@ -189,10 +230,16 @@ def main() -> int:
                     scores["fused @ t*"].append(dice(fused > t_star, gts[c]))
         rows[name] = {k: 100 * float(np.mean(v)) for k, v in scores.items()}
         rows[name]["with a box"] = boxed
+        rows[name]["student, every image"] = 100 * float(np.mean(all_images))
     print(f"{len(lab_q)} labeled training images, teacher from GT boxes: area / label area at 0.5 = {area:.2f}; "
           "Dice % by threshold: " + ", ".join(f"{t}: {100 * d:.2f}" for t, d in lab_dice.items()) + f"; t* = {t_star}")
     print(f"{len(cases)} unlabeled training images of {split.name}; teacher from GT boxes: "
           f"{100 * np.mean(gt_box):.2f} % Dice at 0.5, {100 * np.mean(gt_box_t):.2f} at t*\n")
+    for name, d in probe.items():
+        print(f"linear probe on the {name}, fitted on the {len(lab_cases)} labeled images: {d:.2f} % Dice on the "
+              f"{len(cases)} unlabeled images (no box)")
+    for name, r in rows.items() if probe else ():
+        print(f"{name}'s own mask on the same {len(cases)} images: {r['student, every image']:.2f} % Dice")
     print("Dice % on the images with a box (teacher / fused: from the student's boxes; at 0.5 unless noted):\n")
     print("| 10 % run | " + " | ".join(columns) + " | images with a box |\n|---|" + "---|" * (len(columns) + 1))
     for name, r in rows.items():
@@ -200,7 +247,7 @@ def main() -> int:
     (layout.scratch / "kd_targets.json").write_text(json.dumps({
         "teacher_gt_boxes": 100 * float(np.mean(gt_box)), "teacher_gt_boxes_t_star": 100 * float(np.mean(gt_box_t)),
         "t_star": t_star, "labeled_dice_by_threshold": {str(t): 100 * d for t, d in lab_dice.items()},
-        "labeled_area_ratio": area, "runs": rows}, indent=1))
+        "labeled_area_ratio": area, "linear_probe": probe, "runs": rows}, indent=1))
     return 0
 
 
