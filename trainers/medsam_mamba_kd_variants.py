@@ -383,3 +383,16 @@ class MedSAMMambaKDTrainer_boxMargin_demo(MedSAMMambaKDTrainer_demo):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.student_box_margin = 2
+
+
+class MedSAMMambaKDTrainer_calibratedFuseKDOnly_bench(MedSAMMambaKDTrainer_bench):
+    """`_calibratedFuseKDOnly_demo`'s loop (calibrated teacher maps fused with the student's probability, L_KD alone;
+    §4.5) on the benchmark schedule: the demo's best KD configuration at the accuracy benchmark's length."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.teacher_threshold = "calibrate"
+        self.student_fusion = True
+        self.use_fpkdm = False
+        self.use_fbvm = False
