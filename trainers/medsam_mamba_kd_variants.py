@@ -185,6 +185,19 @@ class MedSAMMambaKDTrainer_calibrated(MedSAMMambaKDTrainer):
         self.teacher_threshold = "calibrate"
 
 
+class MedSAMMambaKDTrainer_calibratedFuseKDOnly(MedSAMMambaKDTrainer):
+    """The calibrated, fused closed loop with L_KD alone (§4.5): teacher maps recalibrated at t*, unlabeled targets
+    fused with the student's probability, no L_RD and no L_FBVM."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.teacher_threshold = "calibrate"
+        self.student_fusion = True
+        self.use_fpkdm = False
+        self.use_fbvm = False
+
+
 # ---------------------------------------------------------------------------------------------------- short runs
 
 class MedSAMMambaKDTrainer_smoke(MedSAMMambaKDTrainer):
@@ -385,14 +398,7 @@ class MedSAMMambaKDTrainer_boxMargin_demo(MedSAMMambaKDTrainer_demo):
         self.student_box_margin = 2
 
 
-class MedSAMMambaKDTrainer_calibratedFuseKDOnly_bench(MedSAMMambaKDTrainer_bench):
-    """`_calibratedFuseKDOnly_demo`'s loop (calibrated teacher maps fused with the student's probability, L_KD alone;
-    §4.5) on the benchmark schedule: the demo's best KD configuration at the accuracy benchmark's length."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.teacher_threshold = "calibrate"
-        self.student_fusion = True
-        self.use_fpkdm = False
-        self.use_fbvm = False
+class MedSAMMambaKDTrainer_calibratedFuseKDOnly_bench(MedSAMMambaKDTrainer_bench,
+                                                     MedSAMMambaKDTrainer_calibratedFuseKDOnly):
+    """`_calibratedFuseKDOnly` (§4.5) on the benchmark schedule: the demo's best KD loop at the accuracy benchmark's
+    length. Each parent's `__init__` sets its own attributes (schedule; calibration, fusion and L_KD alone)."""
