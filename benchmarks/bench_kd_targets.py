@@ -180,9 +180,10 @@ def main() -> int:
     # t*: the threshold that best reproduces the labeled images' masks from their GT boxes (training labels only)
     lab_cases = sorted(f.name[: -len("_0000.png")] for f in (split / "imagesTr").glob("*_0000.png"))
     lab_gt = {c: np.asarray(Image.open(split / "labelsTr" / f"{c}.png")) > 0 for c in lab_cases}
+    lab_images = {c: np.asarray(Image.open(split / "imagesTr" / f"{c}_0000.png").convert("RGB")) for c in lab_cases}
     lab_q = {}
     for c in lab_cases:
-        embeddings[c] = teacher.embed(np.asarray(Image.open(split / "imagesTr" / f"{c}_0000.png").convert("RGB")))
+        embeddings[c] = teacher.embed(lab_images[c])
         lab_q[c] = teacher_map(c, lab_gt[c], 1)
     lab_q = {c: q for c, q in lab_q.items() if q is not None}
     lab_dice = {t: float(np.mean([dice(q > t, lab_gt[c]) for c, q in lab_q.items()])) for t in THRESHOLDS}
@@ -193,9 +194,8 @@ def main() -> int:
     if a.probe:
         for name, feats in (("teacher embedding", lambda c, img: pixel_features(embeddings[c], img.shape[:2])),
                             ("RGB", lambda c, img: img.reshape(-1, 3).astype(np.float32))):
-            lab = [(feats(c, np.asarray(Image.open(split / "imagesTr" / f"{c}_0000.png").convert("RGB"))), lab_gt[c])
-                   for c in lab_cases]
-            probe[name] = linear_probe(lab, [(feats(c, images[c]), gts[c]) for c in cases])
+            probe[name] = linear_probe([(feats(c, lab_images[c]), lab_gt[c]) for c in lab_cases],
+                                       [(feats(c, images[c]), gts[c]) for c in cases])
 
     rows = {}
     gt_box, gt_box_t = [], []

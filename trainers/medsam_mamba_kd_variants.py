@@ -378,15 +378,10 @@ class MedSAMMambaKDTrainer_calibratedFuse_demo(MedSAMMambaKDTrainer_calibrated_d
         self.student_fusion = True
 
 
-class MedSAMMambaKDTrainer_calibratedFuseKDOnly_demo(MedSAMMambaKDTrainer_calibratedFuse_demo):
-    """`_calibratedFuse_demo` with L_KD alone (no L_RD, no L_FBVM): what [KD]'s two auxiliary losses cost on top of
-    the calibrated, fused closed loop (README demo table)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.use_fpkdm = False
-        self.use_fbvm = False
+class MedSAMMambaKDTrainer_calibratedFuseKDOnly_demo(MedSAMMambaKDTrainer_demo,
+                                                    MedSAMMambaKDTrainer_calibratedFuseKDOnly):
+    """`_calibratedFuseKDOnly` (§4.5) on the demo schedule: what [KD]'s two auxiliary losses cost on top of the
+    calibrated, fused closed loop (README demo table). Each parent's `__init__` sets its own attributes."""
 
 
 class MedSAMMambaKDTrainer_boxMargin_demo(MedSAMMambaKDTrainer_demo):

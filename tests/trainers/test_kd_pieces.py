@@ -272,16 +272,18 @@ def test_variants_are_plain_subclasses():
         assert f"class {c.__name__}(" in src and c.__module__ == v.__name__
 
 
-def test_combined_bench_variant_takes_both_parents_settings(monkeypatch):
-    """`_calibratedFuseKDOnly_bench` inherits from `_bench` and `_calibratedFuseKDOnly`: one instance carries the bench
-    schedule and the variant's settings (cooperative `__init__`s; the base trainer's own set-up stubbed out)."""
+@pytest.mark.parametrize("schedule, refresh", [("demo", 4), ("bench", 8)])
+def test_combined_schedule_variant_takes_both_parents_settings(monkeypatch, schedule, refresh):
+    """`_calibratedFuseKDOnly_<schedule>` inherits from `_<schedule>` and `_calibratedFuseKDOnly`: one instance carries
+    the schedule and the variant's settings (cooperative `__init__`s; the base trainer's own set-up stubbed out)."""
     import nnunet_semisam.trainers.medsam_mamba_kd_variants as v
 
-    base = next(c for c in v.MedSAMMambaKDTrainer_bench.__mro__ if c.__name__ == "MedSAMMambaKDTrainer")
+    sched = getattr(v, f"MedSAMMambaKDTrainer_{schedule}")
+    base = next(c for c in sched.__mro__ if c.__name__ == "MedSAMMambaKDTrainer")
     monkeypatch.setattr(base, "__init__", lambda self, *args, **kwargs: None)
-    t = v.MedSAMMambaKDTrainer_calibratedFuseKDOnly_bench({}, "2d", 0, {})
-    ref = v.MedSAMMambaKDTrainer_bench({}, "2d", 0, {})
-    assert (t.num_epochs, t.pl_start, t.pl_every) == (ref.num_epochs, 8, 8)
+    t = getattr(v, f"MedSAMMambaKDTrainer_calibratedFuseKDOnly_{schedule}")({}, "2d", 0, {})
+    ref = sched({}, "2d", 0, {})
+    assert (t.num_epochs, t.pl_start, t.pl_every) == (ref.num_epochs, refresh, refresh)
     assert (t.teacher_threshold, t.student_fusion, t.use_fpkdm, t.use_fbvm) == ("calibrate", True, False, False)
 
 
