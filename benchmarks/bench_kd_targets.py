@@ -157,6 +157,7 @@ def main() -> int:
     a = p.parse_args()
     from PIL import Image
 
+    from nnunet_semisam.io import atomic_write_json
     from nnunet_semisam.teachers.closed_loop import fuse_with_student
     from nnunet_semisam.teachers.factory import load_teacher
     from nnunet_semisam.teachers.prompts import boxes_from_mask
@@ -244,10 +245,10 @@ def main() -> int:
     print("| 10 % run | " + " | ".join(columns) + " | images with a box |\n|---|" + "---|" * (len(columns) + 1))
     for name, r in rows.items():
         print(f"| {name} | " + " | ".join(f"{r[k]:.2f}" for k in columns) + f" | {r['with a box']}/{len(cases)} |")
-    (layout.scratch / "kd_targets.json").write_text(json.dumps({
+    atomic_write_json(layout.scratch / "kd_targets.json", {
         "teacher_gt_boxes": 100 * float(np.mean(gt_box)), "teacher_gt_boxes_t_star": 100 * float(np.mean(gt_box_t)),
         "t_star": t_star, "labeled_dice_by_threshold": {str(t): 100 * d for t, d in lab_dice.items()},
-        "labeled_area_ratio": area, "linear_probe": probe, "runs": rows}, indent=1))
+        "labeled_area_ratio": area, "linear_probe": probe, "runs": rows}, indent=1)
     return 0
 
 
