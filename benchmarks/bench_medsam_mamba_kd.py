@@ -4,7 +4,10 @@ Accuracy (`accuracy`): a thin caller of the benchmark machinery (`nnunet_semisam
 behind `nnunet-semisam benchmark`). It generates one synthetic 2D RGB lesion dataset, fully labeled, with a test set
 (`OUT/nnUNet_raw/Dataset781_KDBench`), made hard enough that labels matter (low lesion contrast, lesion-like
 distractors, texture: `--contrast`, `--distractors`, `--texture`), so that the fully labeled run is well above the
-10 % run and a semi-supervised gain can show. The machinery plans it once with nnU-Net's default planner
+10 % run and a semi-supervised gain can show. The accuracy defaults (contrast 0.18, 10 % tiny lesions, 5 % empty
+images, 40 test images) were chosen with `--gap-only` (the two supervised runs, no KD run) on seed 0: supervised
+nnU-Net's 10 -> 100 % gap was 9.23 Dice points at contrast 0.25 and 12.38 at 0.18, against the >= 10 the benchmark
+needs; 20 test images left single runs too noisy to tell (7.75 and 11.66 in two runs of the same split). The machinery plans it once with nnU-Net's default planner
 (`nnUNetPlans`), derives the 10 % dataset (`split-labels --fraction`, seeded by `--seed`: 10 % labeled, the rest in
 imagesUnlabeled/, their labels kept aside) with the same plans, and runs, through the real `nnUNetv2_train` /
 `nnUNetv2_predict` commands, with one schedule (`--schedule`, default `bench`: 40 epochs x 25 iterations), on CPU,
@@ -32,8 +35,9 @@ Cost (`cost`): `MedSAMMambaKDTrainer` (CPU feature side) and `_teacherNative` vs
 plans and data, in one process, interleaved blocks of training steps, median ms per iteration and the ratios; peak
 memory of each trainer in a fresh process: peak RSS during its first 3 steps minus the RSS of the ready trainer.
 
-    python benchmarks/bench_medsam_mamba_kd.py accuracy [--out DIR] [--num-train 60] [--num-test 20] [--size 64]
-        [--contrast 0.25] [--fraction 0.1] [--schedule bench] [--no-ablations] [--native] [--variants boxRefine]
+    python benchmarks/bench_medsam_mamba_kd.py accuracy [--out DIR] [--num-train 60] [--num-test 40] [--size 64]
+        [--contrast 0.18] [--fraction 0.1] [--schedule bench] [--no-ablations] [--native] [--variants boxRefine]
+    python benchmarks/bench_medsam_mamba_kd.py accuracy --gap-only [--contrast 0.25]   # the supervised gap alone
     python benchmarks/bench_medsam_mamba_kd.py accuracy --out /tmp/kd --num-train 20 --num-test 4 --size 32 \
         --schedule smoke --no-ablations                        # a few minutes: every row once
     python benchmarks/bench_medsam_mamba_kd.py cost [--size 64] [--iters 20] [--threads 2] [--clock cpu] [--no-native]
@@ -236,7 +240,7 @@ def accuracy(a: argparse.Namespace) -> int:
     kd = ["MedSAMMambaKDTrainer"] + ([] if a.no_ablations else [f"MedSAMMambaKDTrainer_{x}" for x in ABLATIONS])
     kd += ["MedSAMMambaKDTrainer_teacherNative"] if a.native else []
     kd += [f"MedSAMMambaKDTrainer_{x}" for x in a.variants]
-    kd = [CONTROL] + kd
+    kd = [] if a.gap_only else [CONTROL] + kd  # the machinery always adds the supervised nnUNetTrainer runs
     o = BenchmarkOptions(out=str(out), dataset=str(source), configuration="2d", trainers=kd, fractions=[a.fraction],
                          seeds=[a.seed], schedule=a.schedule, device="cpu")
     try:
@@ -258,14 +262,15 @@ def accuracy(a: argparse.Namespace) -> int:
     rows.append(_run_row(ctx, at[("nnUNetTrainer", "full")], "nnUNetTrainer, 100 % labeled",
                          f"{a.num_train}/{a.num_train}", split_raw))
     by = {r["run"]: r.get("Dice %") for r in rows}
-    base, kd_dice = by["nnUNetTrainer, 10 % labeled"], by["MedSAMMambaKDTrainer"]
+    base, kd_dice = by["nnUNetTrainer, 10 % labeled"], by.get("MedSAMMambaKDTrainer")
     fullsup = by["nnUNetTrainer, 100 % labeled"]
     summary = ""
-    if None not in (base, kd_dice, fullsup):
+    if None not in (base, fullsup):
         gap = fullsup - base
-        summary = (f"gap fully labeled - 10 %: {gap:+.2f} Dice points (needs >= 10); KD - supervised 10 %: "
-                   f"{kd_dice - base:+.2f} (target >= +5); share of the gap closed by KD: "
-                   f"{(kd_dice - base) / gap if gap else float('nan'):.2f} (target >= 0.5)")
+        summary = f"gap fully labeled - 10 %: {gap:+.2f} Dice points (needs >= 10)"
+        if kd_dice is not None:
+            summary += (f"; KD - supervised 10 %: {kd_dice - base:+.2f} (target >= +5); share of the gap closed by "
+                        f"KD: {(kd_dice - base) / gap if gap else float('nan'):.2f} (target >= 0.5)")
     columns = [c for c in dict.fromkeys(k for r in rows for k in r) if c != "error"]
     table = format_markdown_table(rows, columns)
     errors = "".join(f"\n{r['run']}: {r['status']}{': ' + r['error'] if r.get('error') else ''}"
@@ -390,17 +395,22 @@ def main() -> None:
     sub = ap.add_subparsers(dest="what", required=True)
     for name in ("accuracy", "cost"):
         p = sub.add_parser(name)
+        # the accuracy dataset (module docstring); `cost` keeps the generator settings its figures were measured on
+        acc = name == "accuracy"
         p.add_argument("--size", type=int, default=64)
-        p.add_argument("--contrast", type=float, default=0.25, help="lesion contrast of the synthetic data")
+        p.add_argument("--contrast", type=float, default=0.18 if acc else 0.25,
+                       help="lesion contrast of the synthetic data (default %(default)s)")
         p.add_argument("--texture", type=float, default=0.06, help="background texture of the synthetic data")
         p.add_argument("--distractors", type=int, nargs=2, default=(1, 4), help="lesion-like distractors per image")
-        p.add_argument("--tiny", type=float, default=0.2, help="share of tiny (1-2.5 px radius) lesions")
-        p.add_argument("--empty", type=float, default=0.1, help="share of images without a lesion")
+        p.add_argument("--tiny", type=float, default=0.1 if acc else 0.2,
+                       help="share of tiny (1-2.5 px radius) lesions (default %(default)s)")
+        p.add_argument("--empty", type=float, default=0.05 if acc else 0.1,
+                       help="share of images without a lesion (default %(default)s)")
         p.add_argument("--seed", type=int, default=0)
         if name == "accuracy":
             p.add_argument("--out", default="kd_bench")
             p.add_argument("--num-train", type=int, default=60)
-            p.add_argument("--num-test", type=int, default=20)
+            p.add_argument("--num-test", type=int, default=40)
             p.add_argument("--fraction", type=float, default=0.1)
             p.add_argument("--schedule", default="bench", choices=("smoke", "demo", "bench"),
                            help="bench (40x25 iterations), demo (12x25) or smoke (2x10: add --no-ablations)")
@@ -408,6 +418,9 @@ def main() -> None:
                            help="skip the _boxOnly / _noFPKDM / _noFBVM runs")
             p.add_argument("--variants", nargs="*", default=[], metavar="SUFFIX",
                            help="more MedSAMMambaKDTrainer variants by suffix, e.g. boxRefine")
+            p.add_argument("--gap-only", action="store_true",
+                           help="only the supervised 10 %% and 100 %% runs and LiteMedSAM from GT boxes: checks that "
+                                "a dataset leaves the >= 10-point gap a semi-supervised gain needs")
             p.add_argument("--native", action="store_true",
                            help="also FPKDM teacher features at LiteMedSAM's native 256 (slow on CPU; --schedule "
                                 "demo)")
