@@ -7,11 +7,12 @@ distractors, texture: `--contrast`, `--distractors`, `--texture`), so that the f
 10 % run and a semi-supervised gain can show. The accuracy defaults (contrast 0.18, 10 % tiny lesions, 5 % empty
 images, 40 test images) were chosen with `--gap-only` (the two supervised runs, no KD run) on seed 0: supervised
 nnU-Net's 10 -> 100 % gap was 9.23 Dice points at contrast 0.25 and 12.38 at 0.18, against the >= 10 the benchmark
-needs; 20 test images left single runs too noisy to tell (7.75 and 11.66 in two runs of the same split). The machinery plans it once with nnU-Net's default planner
-(`nnUNetPlans`), derives the 10 % dataset (`split-labels --fraction`, seeded by `--seed`: 10 % labeled, the rest in
-imagesUnlabeled/, their labels kept aside) with the same plans, and runs, through the real `nnUNetv2_train` /
-`nnUNetv2_predict` commands, with one schedule (`--schedule`, default `bench`: 40 epochs x 25 iterations), on CPU,
-fold `all` (the machinery's default: every labeled case trains; the old version of this script used fold 0):
+needs; 20 test images left single runs too noisy to tell (7.75 and 11.66 in two runs of the same split). The
+machinery plans it once with nnU-Net's default planner (`nnUNetPlans`), derives the 10 % dataset (`split-labels
+--fraction`, seeded by `--seed`: 10 % labeled, the rest in imagesUnlabeled/, their labels kept aside) with the same
+plans, and runs, through the real `nnUNetv2_train` / `nnUNetv2_predict` commands, with one schedule (`--schedule`,
+default `bench`: 40 epochs x 25 iterations), on CPU, fold `all` (the machinery's default: every labeled case
+trains):
 
 1. `nnUNetTrainer_<s>` at 10 %                                 -> supervised 10 % (stock nnU-Net, PlainConvUNet)
 2. LiteMedSAM alone on the test images, prompted by GT boxes   -> what the teacher knows (no training; this script)
